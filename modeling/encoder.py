@@ -1,0 +1,176 @@
+"""The embedding model: backbone -> pooling -> MRL head, with optional Token Prepending.
+
+Saved in Hugging Face layout: the backbone's `config.json` + `model.safetensors`,
+the tokenizer files, `mrl_head.safetensors`, and `tpembed_encoder.json` which
+describes pooling, head, Matryoshka dims and Token Prepending.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .backbone import load_backbone
+from .head import DEFAULT_MRL_DIMS, MRLHead, validate_mrl_dims
+from .pooling import Pooling, pool
+from .pooling import last_token_positions as positions_from_mask
+from .token_prepending import TokenPrepending, find_decoder_layers, parse_tp_layers
+
+ENCODER_CONFIG_FILE = "tpembed_encoder.json"
+HEAD_WEIGHTS_FILE = "mrl_head.safetensors"
+ENCODER_FORMAT = "tpembed-encoder"
+
+
+@dataclass
+class EncoderSpec:
+    """What an encoder directory holds besides the backbone (tpembed_encoder.json)."""
+
+    pooling: str = Pooling.last_token.value
+    output_dim: int | None = 1792  # None: no head, the pooled hidden state is the embedding
+    head_bias: bool = True
+    mrl_dims: list[int] = field(default_factory=lambda: list(DEFAULT_MRL_DIMS))
+    tp_layers: list[int] = field(default_factory=list)
+    placeholder_token: str | None = None
+    base_model: str | None = None
+    format: str = ENCODER_FORMAT
+    version: int = 1
+
+
+class Encoder(nn.Module):
+    """Maps token batches to full-size embeddings (B, output_dim), not normalised."""
+
+    def __init__(self, backbone: nn.Module, spec: EncoderSpec):
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        hidden_size = backbone.config.hidden_size
+        if spec.output_dim is None:
+            self.head = None
+        else:
+            validate_mrl_dims(spec.mrl_dims, spec.output_dim)
+            self.head = MRLHead(hidden_size, spec.output_dim, spec.head_bias).to(backbone.dtype)
+        self.token_prepending: TokenPrepending | None = None
+        self.set_tp_layers(spec.tp_layers)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.head.output_dim if self.head is not None else self.backbone.config.hidden_size
+
+    def set_tp_layers(self, layers) -> None:
+        """Attach Token Prepending at `layers` (any spec parse_tp_layers reads), or detach it."""
+        num_layers = len(find_decoder_layers(self.backbone))
+        layers = list(parse_tp_layers(layers, num_layers))
+        if self.token_prepending is not None:
+            self.token_prepending.remove()
+            self.token_prepending = None
+        if layers:
+            self.token_prepending = TokenPrepending(layers).attach(self.backbone)
+        self.spec.tp_layers = layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        last_token_positions: torch.Tensor | None = None,
+        placeholder_positions: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Embed a padded batch.
+
+        Args:
+            input_ids, attention_mask: (B, T).
+            last_token_positions: (B,) index of each row's last real token; derived
+                from the mask when None (left or right padding).
+            placeholder_positions: (B,) index of the Token Prepending placeholder;
+                required when Token Prepending is attached.
+        Returns:
+            (B, embedding_dim).
+        """
+        if last_token_positions is None:
+            last_token_positions = positions_from_mask(attention_mask)
+        extra = {}
+        tp = self.token_prepending
+        if tp is not None:
+            if placeholder_positions is None:
+                raise ValueError(
+                    f"Token Prepending is on (layers {list(tp.layers)}) but the batch has no placeholder "
+                    "positions: render the texts with a template that has a placeholder"
+                )
+            extra = tp.call_kwargs(placeholder_positions, last_token_positions)
+        if position_ids is not None:
+            extra["position_ids"] = position_ids
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        if tp is not None and tp.applied_layers[: len(tp.layers)] != list(tp.layers):
+            raise RuntimeError(
+                f"{type(self.backbone).__name__} did not pass keyword arguments on to its decoder layers, "
+                "so Token Prepending could not run; this architecture is not supported with TP"
+            )
+        pooled = pool(hidden, attention_mask, Pooling(self.spec.pooling), last_token_positions)  # (B, H)
+        if self.head is None:
+            return pooled
+        return self.head(pooled.to(self.head.linear.weight.dtype))  # (B, output_dim)
+
+    # ---- persistence -------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None, state_dict: dict | None = None) -> None:
+        """Write backbone, head, spec (and tokenizer) to `directory`.
+
+        `state_dict` is the encoder's full state dict when the caller had to gather
+        it (DeepSpeed ZeRO-3); by default this module's own is used.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if state_dict is None:
+            state_dict = self.state_dict()
+        backbone_state = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        head_state = {k[len("head.") :]: v.contiguous() for k, v in state_dict.items() if k.startswith("head.")}
+        self.backbone.save_pretrained(directory, state_dict=backbone_state, safe_serialization=True)
+        if head_state:
+            save_file(head_state, str(directory / HEAD_WEIGHTS_FILE))
+        (directory / ENCODER_CONFIG_FILE).write_text(json.dumps(asdict(self.spec), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        *,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
+        tp_layers=None,
+    ) -> Encoder:
+        """Load an encoder directory; `tp_layers` (when not None) replaces the stored set."""
+        directory = Path(directory)
+        spec = read_encoder_spec(directory)
+        backbone = load_backbone(
+            str(directory),
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        if tp_layers is not None:
+            spec.tp_layers = list(parse_tp_layers(tp_layers))
+        encoder = cls(backbone, spec)
+        if encoder.head is not None:
+            head_state = load_file(str(directory / HEAD_WEIGHTS_FILE))
+            encoder.head.load_state_dict({k: v.to(encoder.head.linear.weight.dtype) for k, v in head_state.items()})
+        return encoder
+
+
+def read_encoder_spec(directory: str | Path) -> EncoderSpec:
+    """Read tpembed_encoder.json, failing clearly when `directory` is not an encoder."""
+    path = Path(directory) / ENCODER_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a tpembed encoder directory (no {ENCODER_CONFIG_FILE})")
+    raw = json.loads(path.read_text())
+    if raw.get("format") != ENCODER_FORMAT:
+        raise ValueError(f"{path}: format is {raw.get('format')!r}, expected {ENCODER_FORMAT!r}")
+    known = set(EncoderSpec.__dataclass_fields__)
+    return EncoderSpec(**{k: v for k, v in raw.items() if k in known})

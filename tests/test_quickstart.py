@@ -1,0 +1,63 @@
+"""The embedded default end to end: a few steps, every parameter moves, save, resume."""
+
+import json
+import math
+import subprocess
+import sys
+
+import torch
+
+from conftest import REPO, subprocess_env
+from modeling import Encoder
+from train import build
+from train.checkpoint import complete_checkpoints
+from train.config import load_config
+
+QUICKSTART = REPO / "configs" / "quickstart" / "stage1.yaml"
+
+
+def stage1(output_dir, *flags, launcher=(sys.executable,)):
+    command = [*launcher, str(REPO / "train" / "stage1.py"), "--config", str(QUICKSTART), "--output-dir", str(output_dir),
+               "--report-to", "tensorboard", "--progress-bar", "false", *flags]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result
+
+
+def losses(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_quickstart_trains_saves_and_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    accelerate = (sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1")
+    stage1(run_dir, "--max-steps", "4", "--save-every", "2", launcher=accelerate)
+
+    records = losses(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    assert all(math.isfinite(r[f"loss_dim_{d}"]) for r in records for d in (128, 1792))
+    assert [step for step, _ in complete_checkpoints(run_dir)] == [2, 4]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints/step-00000004/config.yaml").is_file()
+    assert list((run_dir / "logs").rglob("events.out.tfevents*")), "TensorBoard events are written"
+
+    # every trainable parameter moved away from its initial value
+    config = load_config(["--config", str(QUICKSTART)])
+    text = build.build_text(config)
+    initial = build.build_encoder(config, text).state_dict()
+    trained = Encoder.from_pretrained(run_dir / "checkpoints/step-00000004/model").state_dict()
+    assert initial.keys() == trained.keys()
+    unchanged = [name for name in initial if torch.equal(initial[name], trained[name])]
+    assert not unchanged, f"parameters that did not change: {unchanged}"
+
+    # resume continues at step 5 and matches an uninterrupted run (all 6 steps lie in the
+    # quickstart's 10 warm-up steps, so the schedule does not depend on max_steps)
+    stage1(run_dir, "--max-steps", "6", "--save-every", "2", "--resume-from", "auto")
+    resumed = losses(run_dir)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    straight_dir = tmp_path / "straight"
+    stage1(straight_dir, "--max-steps", "6", "--save-every", "2")
+    straight = losses(straight_dir)
+    for a, b in zip(resumed, straight):
+        assert (a["step"], a["dataset"]) == (b["step"], b["dataset"])
+        assert a["loss"] == b["loss"] and a["lr"] == b["lr"], (a, b)

@@ -1,0 +1,55 @@
+"""Worker for tests/test_distributed.py: loss and gradients of one micro-batch per task.
+
+Run with N processes (accelerate launch / torchrun); with N == 1 it gives the
+single-process reference. Writes OUT/<task>.safetensors with every parameter's
+gradient (after the data-parallel average) and the loss averaged over ranks.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from train import build
+from train.config import load_config
+from train.loop import build_accelerator, micro_step_loss
+
+
+def main(config_path: str, out_dir: str) -> None:
+    torch.set_flush_denormal(True)
+    config = load_config(["--config", config_path])
+    accelerator = build_accelerator(config)
+    text = build.build_text(config)
+    encoder = build.build_encoder(config, text)
+    specs, _ = build.build_datasets(config, text.text_format)
+    sampler = build.build_sampler(config, specs)
+    batches = build.build_batches(config, specs, sampler, text, accelerator.num_processes, accelerator.process_index)
+    objective = build.build_objective(config)
+    model = accelerator.prepare(encoder)
+    model.train()
+    done = set()
+    for step in range(100):
+        batch = batches.micro_batch(step, 0)
+        if batch["task"] in done:
+            continue
+        done.add(batch["task"])
+        model.zero_grad(set_to_none=True)
+        loss, _ = micro_step_loss(model, objective, batch, accelerator.device)
+        accelerator.backward(loss)
+        mean_loss = accelerator.reduce(loss.detach(), "mean")
+        if accelerator.is_main_process:
+            grads = {
+                name: p.grad.detach().clone()
+                for name, p in accelerator.unwrap_model(model).named_parameters()
+                if p.grad is not None
+            }
+            grads["__loss__"] = mean_loss.reshape(1)
+            save_file(grads, str(Path(out_dir) / f"{batch['task']}.safetensors"))
+        if len(done) == 3:
+            break
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

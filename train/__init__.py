@@ -1,0 +1,1 @@
+"""tpembed training: entry scripts, the one training loop, config and checkpoints."""

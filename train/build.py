@@ -1,0 +1,271 @@
+"""Building the run's parts from its config: tokenizer, text format, encoder, data, optimizer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from data import (
+    TEMPLATES,
+    BatchBuilder,
+    DatasetSpec,
+    GroupedStepSampler,
+    Lengths,
+    ReadReport,
+    Task,
+    TextFormat,
+    read_dataset,
+    sampling_probabilities,
+)
+from modeling import EmbeddingObjective, Encoder, EncoderSpec, load_backbone, load_tokenizer, parse_tp_layers
+from modeling.backbone import backbone_config
+from modeling.encoder import read_encoder_spec
+
+from .checkpoint import MODEL_DIR, resolve_checkpoint
+from .config import Config, ConfigError, DatasetConfig, load_saved_config
+
+logger = logging.getLogger("tpembed")
+
+QWEN_PLACEHOLDER = "<|im_start|>"
+ADDED_PLACEHOLDER = "<|tp_placeholder|>"
+
+
+@dataclass
+class TextSetup:
+    tokenizer: object
+    text_format: TextFormat
+    placeholder_added: bool
+
+
+def init_source(config: Config) -> tuple[Path, Config] | None:
+    """Stage 2: the stage-1 checkpoint in `model.init_from` and its config, validated."""
+    if not config.model.init_from:
+        return None
+    try:
+        checkpoint = resolve_checkpoint(config.model.init_from)
+        model_dir = checkpoint / MODEL_DIR
+        read_encoder_spec(model_dir)
+        source_config = load_saved_config(checkpoint / "config.yaml")
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"model.init_from: {config.model.init_from} is not a tpembed checkpoint: {error}") from None
+    if source_config.train.stage != 1:
+        raise ConfigError(
+            f"model.init_from: {checkpoint} is a stage-{source_config.train.stage} checkpoint; "
+            "stage 2 starts from a stage-1 checkpoint"
+        )
+    return model_dir, source_config
+
+
+def build_text(config: Config, model_dir: Path | None = None) -> TextSetup:
+    """Tokenizer (from `model_dir` when continuing a checkpoint) and the text format.
+
+    With a template that has a placeholder slot, the placeholder is the
+    configured token, else <|im_start|> when the tokenizer has it, else
+    <|tp_placeholder|>, added to the tokenizer when `tp.add_placeholder` allows.
+    """
+    source = str(model_dir) if model_dir else (config.model.tokenizer or config.model.name_or_path)
+    tokenizer = load_tokenizer(source, config.model.padding_side, config.model.trust_remote_code)
+    template = TEMPLATES[config.data.template]
+    tp_layers = parse_tp_layers(config.tp.tp_layers)
+    placeholder, added = None, False
+    if template.has_placeholder_slot:
+        vocab = tokenizer.get_vocab()
+        placeholder = config.tp.placeholder_token or (QWEN_PLACEHOLDER if QWEN_PLACEHOLDER in vocab else ADDED_PLACEHOLDER)
+        if placeholder not in vocab:
+            if not config.tp.add_placeholder:
+                raise ConfigError(
+                    f"tp.placeholder_token: the tokenizer of {source} has no token {placeholder!r}; "
+                    "set tp.add_placeholder: true to add it, or choose a token it has"
+                )
+            tokenizer.add_special_tokens({"additional_special_tokens": [placeholder]})
+            added = True
+    elif tp_layers:
+        raise ConfigError(
+            f"tp.tp_layers: Token Prepending at layers {config.tp.tp_layers} needs a template with a placeholder "
+            f"(data.template: prompteol), but data.template is {config.data.template!r}"
+        )
+    text_format = TextFormat(
+        template=template,
+        placeholder=placeholder,
+        append_eos=config.data.append_eos,
+        prepend_bos=config.data.prepend_bos,
+    )
+    return TextSetup(tokenizer, text_format, added)
+
+
+def build_encoder(config: Config, text: TextSetup, model_dir: Path | None = None) -> Encoder:
+    """A fresh encoder (stage 1) or one continued from `model_dir` (stage 2, resume)."""
+    model = config.model
+    num_layers = backbone_config(str(model_dir) if model_dir else model.name_or_path, model.trust_remote_code).num_hidden_layers
+    try:
+        tp_layers = list(parse_tp_layers(config.tp.tp_layers, num_layers))
+    except ValueError as error:
+        raise ConfigError(f"tp.tp_layers: {error}") from None
+    if model_dir is not None:
+        encoder = Encoder.from_pretrained(
+            model_dir,
+            dtype=model.dtype,
+            attn_implementation=model.attn_implementation,
+            gradient_checkpointing=model.gradient_checkpointing,
+            tp_layers=tp_layers,
+        )
+        if encoder.head is not None and encoder.head.output_dim != model.output_dim:
+            raise ConfigError(
+                f"model.output_dim: the checkpoint's head has {encoder.head.output_dim} outputs, config says "
+                f"{model.output_dim}"
+            )
+        encoder.spec.mrl_dims = list(config.loss.mrl_dims)
+    else:
+        backbone = load_backbone(
+            model.name_or_path,
+            dtype=model.dtype,
+            attn_implementation=model.attn_implementation,
+            gradient_checkpointing=model.gradient_checkpointing,
+            trust_remote_code=model.trust_remote_code,
+            seed=config.train.seed,
+        )
+        spec = EncoderSpec(
+            pooling=model.pooling.value,
+            output_dim=model.output_dim,
+            head_bias=model.head_bias,
+            mrl_dims=list(config.loss.mrl_dims),
+            base_model=model.name_or_path,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.train.seed)
+            encoder = Encoder(backbone, spec)
+        encoder.set_tp_layers(tp_layers)
+    encoder.spec.placeholder_token = text.text_format.placeholder
+    _fit_embeddings(encoder, len(text.tokenizer))
+    return encoder
+
+
+def _fit_embeddings(encoder: Encoder, vocab_size: int) -> None:
+    """Grow the embedding matrix when the tokenizer gained tokens beyond it."""
+    embeddings = encoder.backbone.get_input_embeddings()
+    if vocab_size > embeddings.num_embeddings:
+        logger.info("resizing token embeddings %d -> %d", embeddings.num_embeddings, vocab_size)
+        encoder.backbone.resize_token_embeddings(vocab_size)
+
+
+def dataset_configs(config: Config) -> list[DatasetConfig]:
+    """`data.train_files` (from the command line) replaces `data.datasets`."""
+    if not config.data.train_files:
+        return list(config.data.datasets)
+    datasets = []
+    for entry in config.data.train_files:
+        task, _, path = entry.partition(":")
+        if not path or task not in {t.value for t in Task}:
+            task, path = Task.retrieval.value, entry
+        datasets.append(DatasetConfig(path=path, task=Task(task)))
+    return datasets
+
+
+def build_datasets(config: Config, text_format: TextFormat) -> tuple[list[DatasetSpec], ReadReport]:
+    """Read and validate every training dataset (errors name file, line and field)."""
+    configs = dataset_configs(config)
+    if not configs:
+        raise ConfigError("data.datasets: no training data; list datasets in the config or pass --train-files")
+    report = ReadReport()
+    specs = []
+    for dataset in configs:
+        name = dataset.name or Path(dataset.path).stem
+        data = read_dataset(
+            dataset.path,
+            dataset.task,
+            name,
+            allow_empty_text=config.data.allow_empty_text,
+            score_range=tuple(dataset.score_range) if dataset.score_range else None,
+            placeholder=text_format.placeholder,
+            report=report,
+        )
+        k = config.data.num_hard_negatives if dataset.num_hard_negatives is None else dataset.num_hard_negatives
+        batch_size = dataset.batch_size or config.data.batch_size
+        if len(data) < batch_size:
+            raise ConfigError(
+                f"dataset {name} ({dataset.path}) has {len(data)} usable examples, fewer than its global batch "
+                f"size {batch_size}; lower the batch size or add data"
+            )
+        if dataset.task is Task.retrieval and k > 0 and config.data.hard_negative_fallback == "error":
+            for i, negatives in enumerate(data.negatives):
+                if len(negatives) < k:
+                    raise ConfigError(
+                        f"{dataset.path}: record {i + 1} has {len(negatives)} hard negatives, {k} required "
+                        "(data.hard_negative_fallback: error)"
+                    )
+        instruction = dataset.instruction
+        if instruction is None and dataset.task is Task.retrieval:
+            instruction = config.data.default_instruction
+        specs.append(DatasetSpec(data=data, instruction=instruction, batch_size=batch_size, num_hard_negatives=k))
+    return specs, report
+
+
+def build_sampler(config: Config, specs: list[DatasetSpec]) -> GroupedStepSampler:
+    weights = [d.weight for d in dataset_configs(config)]
+    probabilities = sampling_probabilities(
+        [len(s.data) for s in specs],
+        alpha=config.data.sampling_alpha,
+        weights=weights,
+        retrieval=[s.task is Task.retrieval for s in specs],
+        eta_ret=config.data.eta_ret,
+    )
+    return GroupedStepSampler([len(s.data) for s in specs], [s.batch_size for s in specs], config.train.seed, probabilities)
+
+
+def build_batches(
+    config: Config, specs: list[DatasetSpec], sampler: GroupedStepSampler, text: TextSetup, world_size: int, rank: int
+) -> BatchBuilder:
+    return BatchBuilder(
+        specs,
+        sampler,
+        text.tokenizer,
+        text.text_format,
+        Lengths(query=config.data.query_max_len, passage=config.data.passage_max_len),
+        seed=config.train.seed,
+        world_size=world_size,
+        rank=rank,
+        accumulation_steps=config.train.gradient_accumulation_steps,
+        negative_fallback=config.data.hard_negative_fallback,
+        pad_to_multiple_of=config.data.pad_to_multiple_of,
+    )
+
+
+def build_objective(config: Config) -> EmbeddingObjective:
+    loss = config.loss
+    return EmbeddingObjective(
+        mrl_dims=loss.mrl_dims,
+        mrl_weights=loss.mrl_weights,
+        temperature=loss.temperature,
+        cosent_temperature=loss.cosent_temperature,
+        query_query_negatives=loss.query_query_negatives,
+        false_negative_margin=loss.false_negative_margin,
+    )
+
+
+def build_optimizer(config: Config, encoder: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and normalisation weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for parameter in encoder.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    optim = config.optim
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=optim.learning_rate,
+        betas=(optim.adam_beta1, optim.adam_beta2),
+        eps=optim.adam_epsilon,
+    )
+
+
+def build_scheduler(config: Config, optimizer: torch.optim.Optimizer):
+    names = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+    return transformers.get_scheduler(
+        names[config.optim.lr_scheduler],
+        optimizer,
+        num_warmup_steps=config.optim.warmup_steps,
+        num_training_steps=config.train.max_steps,
+    )

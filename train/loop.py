@@ -1,0 +1,317 @@
+"""The one training loop, shared by stage 1 and stage 2. It owns every accelerator call."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from tqdm.auto import tqdm
+
+from data import StepMicroBatches
+
+from . import build
+from .checkpoint import (
+    MODEL_DIR,
+    latest_checkpoint,
+    load_optimizer_state,
+    load_rng,
+    load_trainer_state,
+    prune_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .config import Config, config_yaml, flatten, save_config, to_dict
+
+logger = logging.getLogger("tpembed")
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+def build_accelerator(config: Config) -> Accelerator:
+    use_cuda = torch.cuda.is_available() and not config.train.cpu
+    mixed_precision = config.train.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "no"
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # CPU processes talk over gloo (DeepSpeed too, which would otherwise ask for a GPU backend)
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not use_cuda else []
+    trackers = [t for t in config.logging.report_to if t != "none"]
+    if "wandb" in trackers:
+        os.environ.setdefault("WANDB_MODE", config.logging.wandb_mode)
+        os.environ.setdefault("WANDB_SILENT", "true")
+    output_dir = Path(config.train.output_dir)
+    return Accelerator(
+        cpu=not use_cuda,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        kwargs_handlers=handlers,
+    )
+
+
+def train(config: Config) -> Path:
+    """Run (or resume) training as configured; returns the newest checkpoint."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = build_accelerator(config)
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
+    run_dir = Path(config.train.output_dir)
+    accelerator.wait_for_everyone()  # every process must see the same checkpoints
+
+    resume = _resume_checkpoint(config, run_dir)
+    init = build.init_source(config)
+    model_dir = resume / MODEL_DIR if resume else (init[0] if init else None)
+    if init and not resume:
+        _log_stage_diff(init[1], config)
+
+    text = build.build_text(config, model_dir)
+    encoder = build.build_encoder(config, text, model_dir)
+    specs, report = build.build_datasets(config, text.text_format)
+    _log_data(specs, report, text)
+    sampler = build.build_sampler(config, specs)
+    batches = build.build_batches(config, specs, sampler, text, accelerator.num_processes, accelerator.process_index)
+    objective = build.build_objective(config)
+    optimizer = build.build_optimizer(config, encoder)
+    scheduler = build.build_scheduler(config, optimizer)
+    encoder, optimizer = accelerator.prepare(encoder, optimizer)
+
+    start_step = 0
+    if resume:
+        state = load_trainer_state(resume)
+        optimizer_state = load_optimizer_state(resume)
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        scheduler.load_state_dict(optimizer_state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        if state["num_processes"] != accelerator.num_processes:
+            logger.warning(
+                "resuming a %d-process run with %d processes: the global batches and their order are unchanged "
+                "(the sampler does not depend on the process count); RNG states come from rank 0",
+                state["num_processes"],
+                accelerator.num_processes,
+            )
+        if not load_rng(resume, accelerator.process_index):
+            load_rng(resume, 0)
+        start_step = state["step"]
+        logger.info("resumed from %s at step %d", resume, start_step)
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    accelerator.init_trackers(
+        config.logging.project,
+        config={k: str(v) if isinstance(v, (list, type(None))) else v for k, v in flatten(to_dict(config)).items()},
+        init_kwargs={"wandb": {"name": config.logging.run_name or run_dir.name, "dir": str(run_dir)}},
+    )
+
+    def write_model(directory: Path) -> None:
+        state_dict = accelerator.get_state_dict(encoder)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(encoder).save_pretrained(directory, text.tokenizer, state_dict=state_dict)
+
+    def checkpoint(step: int) -> Path:
+        sampler.step = step
+        trainer_state = {
+            "step": step,
+            "stage": config.train.stage,
+            "num_processes": accelerator.num_processes,
+            "sampler": sampler.state_dict(),
+        }
+        path = save_checkpoint(
+            accelerator,
+            run_dir,
+            step,
+            write_model=write_model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            trainer_state=trainer_state,
+            config_yaml=config_yaml(config),
+        )
+        if accelerator.is_main_process:
+            prune_checkpoints(run_dir, config.train.keep_last)
+        logger.info("checkpoint %s", path)
+        return path
+
+    accumulation = config.train.gradient_accumulation_steps
+    max_steps = config.train.max_steps
+    loader = torch.utils.data.DataLoader(
+        StepMicroBatches(batches),
+        batch_size=None,
+        sampler=range(start_step * accumulation, max_steps * accumulation),
+        num_workers=config.data.num_workers,
+        persistent_workers=False,
+    )
+    micro_batches = iter(loader)
+    progress = tqdm(
+        total=max_steps,
+        initial=start_step,
+        desc=f"stage {config.train.stage}",
+        disable=not (accelerator.is_main_process and config.logging.progress_bar),
+        dynamic_ncols=True,
+    )
+    metrics_file = run_dir / "metrics.jsonl"
+    device = accelerator.device
+    consecutive_nonfinite = 0
+    window = _Window()
+
+    encoder.train()
+    for step in range(start_step, max_steps):
+        step_start = time.perf_counter()
+        sums = None
+        tokens = examples = 0
+        grad_norm = torch.tensor(float("nan"))
+        task = dataset = None
+        for _ in range(accumulation):
+            batch = next(micro_batches)
+            task, dataset = batch["task"], batch["dataset"]
+            with accelerator.accumulate(encoder):
+                loss, per_dim = micro_step_loss(encoder, objective, batch, device)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(
+                        encoder.parameters(), config.optim.max_grad_norm or float("inf")
+                    )
+                    if torch.isfinite(torch.as_tensor(grad_norm)).item():
+                        optimizer.step()
+                optimizer.zero_grad()
+            values = torch.stack([loss.detach().float()] + [v.float() for v in per_dim.values()])
+            sums = values if sums is None else sums + values
+            tokens += batch["num_tokens"]
+            examples += batch["num_examples"]
+        counts = accelerator.reduce(torch.tensor([tokens, examples], device=device, dtype=torch.float64), "sum")
+        means = accelerator.reduce(sums.to(device) / accumulation, "mean")
+        grad_norm = float(torch.as_tensor(grad_norm).float())
+        loss_value = float(means[0])
+
+        if math.isfinite(grad_norm) and math.isfinite(loss_value):
+            consecutive_nonfinite = 0
+            scheduler.step()
+        else:
+            consecutive_nonfinite += 1
+            logger.warning(
+                "step %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row, limit %d)",
+                step + 1, loss_value, grad_norm, consecutive_nonfinite, config.train.max_nonfinite_steps,
+            )
+            if consecutive_nonfinite > config.train.max_nonfinite_steps:
+                accelerator.end_training()
+                raise NonFiniteError(
+                    f"{consecutive_nonfinite} consecutive steps with a non-finite loss or gradient norm; stopped at "
+                    f"step {step + 1}. The last good checkpoint is {latest_checkpoint(run_dir)}. Lower the learning "
+                    "rate, check the data, or use bf16 instead of fp16."
+                )
+
+        done = step + 1
+        elapsed = time.perf_counter() - step_start
+        window.add(elapsed, float(counts[1]), float(counts[0]))
+        record = {
+            "step": done,
+            "task": task,
+            "dataset": dataset,
+            "loss": loss_value,
+            **{f"loss_dim_{dim}": float(v) for dim, v in zip(per_dim, means[1:])},
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+        }
+        if accelerator.is_main_process:
+            with metrics_file.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if done % config.logging.log_every == 0 or done == max_steps:
+            record.update(window.rates(), peak_memory_mb=_peak_memory_mb())
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
+            window = _Window()
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", data=dataset)
+        if done % config.train.save_every == 0 or done == max_steps:
+            checkpoint(done)
+
+    progress.close()
+    if start_step >= max_steps:
+        logger.info("nothing to do: the run already reached max_steps=%d", max_steps)
+    accelerator.end_training()
+    return latest_checkpoint(run_dir) or run_dir
+
+
+def micro_step_loss(encoder, objective, batch: dict, device) -> tuple[torch.Tensor, dict]:
+    """Embed both sides of a micro-batch and compute its task loss."""
+    anchors = encoder(**_to_device(batch["anchors"], device))
+    candidates = encoder(**_to_device(batch["candidates"], device))
+    metadata = {
+        key: batch[key].to(device)
+        for key in ("scores", "anchor_labels", "candidate_labels", "candidate_text_ids")
+        if key in batch
+    }
+    return objective(batch["task"], anchors, candidates, **metadata)
+
+
+def _to_device(tensors: dict, device) -> dict:
+    return {key: value.to(device, non_blocking=True) for key, value in tensors.items()}
+
+
+class _Window:
+    """Throughput over the steps since the last log."""
+
+    def __init__(self):
+        self.seconds = self.examples = self.tokens = 0.0
+
+    def add(self, seconds: float, examples: float, tokens: float) -> None:
+        self.seconds += seconds
+        self.examples += examples
+        self.tokens += tokens
+
+    def rates(self) -> dict:
+        seconds = max(self.seconds, 1e-9)
+        return {"samples_per_s": self.examples / seconds, "tokens_per_s": self.tokens / seconds}
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _resume_checkpoint(config: Config, run_dir: Path) -> Path | None:
+    if not config.train.resume_from:
+        return None
+    if config.train.resume_from == "auto":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            logger.info("resume_from=auto: no complete checkpoint in %s, starting fresh", run_dir)
+        return found
+    return resolve_checkpoint(config.train.resume_from)
+
+
+def _log_stage_diff(source: Config, config: Config) -> None:
+    before, after = flatten(to_dict(source)), flatten(to_dict(config))
+    changed = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
+    logger.info("config values that differ from the stage-1 run (%d):", len(changed))
+    for key, (old, new) in sorted(changed.items()):
+        logger.info("  %s: %r -> %r", key, old, new)
+
+
+def _log_data(specs, report, text) -> None:
+    for spec in specs:
+        logger.info(
+            "dataset %s: %s, %d examples, global batch %d", spec.data.name, spec.task.value, len(spec.data), spec.batch_size
+        )
+    if report.dropped_empty_negatives:
+        logger.warning("dropped %d empty hard negatives", report.dropped_empty_negatives)
+    if report.dropped_singleton_labels:
+        logger.warning("dropped %d classification texts whose label no other text has", report.dropped_singleton_labels)
+    if report.placeholder_in_text:
+        logger.warning(
+            "%d texts contain the placeholder %r; it is removed from user text (first: %s)",
+            len(report.placeholder_in_text),
+            text.text_format.placeholder,
+            report.placeholder_in_text[0],
+        )
