@@ -51,7 +51,7 @@ def test_quickstart_trains_saves_and_resumes(tmp_path):
     assert not unchanged, f"parameters that did not change: {unchanged}"
 
     # resume continues at step 5 and matches an uninterrupted run (all 6 steps lie in the
-    # quickstart's 10 warm-up steps, so the schedule does not depend on max_steps)
+    # quickstart's 20 warm-up steps, so the schedule does not depend on max_steps)
     stage1(run_dir, "--max-steps", "6", "--save-every", "2", "--resume-from", "auto")
     resumed = losses(run_dir)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]

@@ -223,13 +223,15 @@ def train(config: Config) -> Path:
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
         }
+        log_now = done % config.logging.log_every == 0 or done == max_steps
+        if log_now:
+            record.update(window.rates(), peak_memory_mb=_peak_memory_mb())
+            window = _Window()
         if accelerator.is_main_process:
             with metrics_file.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-        if done % config.logging.log_every == 0 or done == max_steps:
-            record.update(window.rates(), peak_memory_mb=_peak_memory_mb())
+        if log_now:
             accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
-            window = _Window()
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", data=dataset)
         if done % config.train.save_every == 0 or done == max_steps:
