@@ -114,7 +114,9 @@ class BatchBuilder:
         else:
             batch = self._sts(spec, indices)
         batch.update(step=step, dataset=spec.data.name, num_examples=len(indices))
-        batch["num_tokens"] = int(batch["anchors"]["attention_mask"].sum() + batch["candidates"]["attention_mask"].sum())
+        batch["num_tokens"] = int(
+            batch["anchors"]["attention_mask"].sum() + batch["candidates"]["attention_mask"].sum()
+        )
         return batch
 
     # ---- per task ------------------------------------------------------------------

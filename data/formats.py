@@ -202,8 +202,10 @@ def read_dataset(
         _drop_singleton_labels(data, report)
         if len(set(data.labels)) < 2:
             raise DataError(
-                str(path), "label", f"a classification dataset needs at least two labels with two texts each, "
-                f"found {len(set(data.labels))} (of {len(label_ids)} labels)"
+                str(path),
+                "label",
+                f"a classification dataset needs at least two labels with two texts each, "
+                f"found {len(set(data.labels))} (of {len(label_ids)} labels)",
             )
     if len(data) == 0:
         raise DataError(str(path), None, "the dataset holds no records")
@@ -274,7 +276,9 @@ class _RecordReader:
             raise DataError(location, field_name, f"score {value!r} is not finite")
         if score_range is not None and not score_range[0] <= score <= score_range[1]:
             raise DataError(
-                location, field_name, f"score {score} is outside the declared range [{score_range[0]}, {score_range[1]}]"
+                location,
+                field_name,
+                f"score {score} is outside the declared range [{score_range[0]}, {score_range[1]}]",
             )
         return score
 

@@ -28,6 +28,8 @@ import torch
 QUERY_INSTRUCTION_FORMAT = "Instruct: {instruction}\nQuery: "
 NULL_TEXT = "Null"
 PLACEHOLDER_SLOT = "{placeholder}"
+QWEN_PLACEHOLDER = "<|im_start|>"  # already in the Qwen vocabulary (id 151644)
+ADDED_PLACEHOLDER = "<|tp_placeholder|>"  # added to tokenizers without <|im_start|>
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,22 @@ class TextFormat:
         if self.placeholder is not None and not self.template.has_placeholder_slot:
             raise ValueError(f"template {self.template.name!r} has no placeholder slot")
 
+    def to_dict(self) -> dict:
+        """JSON-able description, stored next to a trained model."""
+        return {
+            "template": self.template.name,
+            "placeholder": self.placeholder,
+            "instruction_format": self.instruction_format,
+            "null_text": self.null_text,
+            "append_eos": self.append_eos,
+            "prepend_bos": self.prepend_bos,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TextFormat:
+        values = dict(values)
+        return cls(template=TEMPLATES[values.pop("template")], **values)
+
     def clean(self, text: str) -> str:
         """The user text as it is rendered: placeholder strings removed, empty -> null_text.
 
@@ -99,6 +117,23 @@ class TextFormat:
     def render(self, text: str, instruction: str | None) -> str:
         """The full string (without the appended end-of-text token)."""
         return "".join(self.pieces(text, instruction))
+
+
+def ensure_placeholder(tokenizer, requested: str | None = None, allow_add: bool = True) -> tuple[str, bool]:
+    """The placeholder token for `tokenizer`: `requested`, else <|im_start|> when the
+    vocabulary has it, else <|tp_placeholder|>. A missing token is added as a special
+    token when `allow_add` (the caller must then grow the embedding matrix).
+
+    Returns (token, whether it was added).
+    """
+    vocab = tokenizer.get_vocab()
+    token = requested or (QWEN_PLACEHOLDER if QWEN_PLACEHOLDER in vocab else ADDED_PLACEHOLDER)
+    if token in vocab:
+        return token, False
+    if not allow_add:
+        raise ValueError(f"the tokenizer has no placeholder token {token!r} and adding it is not allowed")
+    tokenizer.add_special_tokens({"additional_special_tokens": [token]})
+    return token, True
 
 
 def tokenize(
@@ -125,9 +160,7 @@ def tokenize(
         raise ValueError("the tokenizer has no BOS/EOS token to add; set prepend_bos/append_eos to false")
     budget = max_length - len(extra_front) - len(extra_back)
 
-    sequences = [
-        extra_front + ids + extra_back for ids in _encode_within_budget(tokenizer, pieces, budget)
-    ]
+    sequences = [extra_front + ids + extra_back for ids in _encode_within_budget(tokenizer, pieces, budget)]
     placeholder_id = None
     if text_format.placeholder is not None:
         placeholder_id = tokenizer.convert_tokens_to_ids(text_format.placeholder)
@@ -192,9 +225,7 @@ def pad_sequences(
         if placeholder_id is not None:
             found = [i for i, token in enumerate(ids) if token == placeholder_id]
             if len(found) != 1:
-                raise ValueError(
-                    f"sequence {row} holds the placeholder {len(found)} times; it must occur exactly once"
-                )
+                raise ValueError(f"sequence {row} holds the placeholder {len(found)} times; it must occur exactly once")
             placeholder_positions[row] = start + found[0]
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "last_token_positions": last_positions}
     if placeholder_id is not None:

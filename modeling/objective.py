@@ -69,7 +69,9 @@ class EmbeddingObjective:
         if task == "classification":
             if anchor_labels is None or candidate_labels is None:
                 raise ValueError("classification batches need anchor_labels and candidate_labels")
-            return self._contrastive(anchors, candidates, anchor_labels=anchor_labels, candidate_labels=candidate_labels)
+            return self._contrastive(
+                anchors, candidates, anchor_labels=anchor_labels, candidate_labels=candidate_labels
+            )
         raise ValueError(f"unknown task type {task!r}; expected one of {', '.join(TASKS)}")
 
     def _contrastive(

@@ -44,7 +44,9 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
 
 
 def test_list_and_optional_flags():
-    config = load_config(["--train-files", "a.jsonl", "sts:b.jsonl", "--mrl-dims", "64", "128", "--false-negative-margin", "0.1"])
+    config = load_config(
+        ["--train-files", "a.jsonl", "sts:b.jsonl", "--mrl-dims", "64", "128", "--false-negative-margin", "0.1"]
+    )
     assert config.data.train_files == ["a.jsonl", "sts:b.jsonl"]
     assert config.loss.mrl_dims == [64, 128]
     assert config.loss.false_negative_margin == 0.1

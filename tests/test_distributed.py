@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import REPO, subprocess_env
+from safetensors.torch import load_file
 
 WORKER = Path(__file__).parent / "workers" / "gathered_gradients.py"
 
@@ -25,7 +24,11 @@ def write_config(path: Path) -> Path:
             "datasets": [
                 {"path": str(samples / "snli_triplets_en.jsonl"), "instruction": "retrieve"},
                 {"path": str(samples / "snli_pairs_en.jsonl"), "task": "sts", "instruction": "similar"},
-                {"path": str(samples / "cmrc2018_questions_zh.jsonl"), "task": "classification", "instruction": "topic"},
+                {
+                    "path": str(samples / "cmrc2018_questions_zh.jsonl"),
+                    "task": "classification",
+                    "instruction": "topic",
+                },
             ],
             "batch_size": 4,
             "num_hard_negatives": 2,
@@ -51,8 +54,19 @@ def test_two_processes_match_one(tmp_path):
     double.mkdir()
     run([sys.executable, str(WORKER), str(config), str(single)], REPO)
     run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--main_process_port", "29531", str(WORKER), str(config), str(double)],
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "29531",
+            str(WORKER),
+            str(config),
+            str(double),
+        ],
         REPO,
     )
     for task in ("retrieval", "sts", "classification"):

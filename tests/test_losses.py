@@ -146,7 +146,9 @@ def test_cosent_matches_naive_double_loop(tau):
     left = torch.randn(6, 8, dtype=torch.float64)
     right = torch.randn(6, 8, dtype=torch.float64)
     scores = torch.tensor([2.0, 1.0, 0.0, 2.0, 4.5, 1.0], dtype=torch.float64)  # ties are not ordered
-    assert float(cosent_loss(left, right, scores, tau)) == pytest.approx(naive_cosent(left, right, scores, tau), rel=1e-9)
+    assert float(cosent_loss(left, right, scores, tau)) == pytest.approx(
+        naive_cosent(left, right, scores, tau), rel=1e-9
+    )
 
 
 def test_cosent_with_all_scores_equal_is_zero():

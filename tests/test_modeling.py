@@ -21,7 +21,9 @@ def test_converted_tokenizer_matches_tiktoken_ids(qwen_tokenizer):
         "1234567 numbers 3.14 and émigré café",
     ]
     for text in texts:
-        assert qwen_tokenizer(text, add_special_tokens=False)["input_ids"] == reference.encode(text, allowed_special="all")
+        assert qwen_tokenizer(text, add_special_tokens=False)["input_ids"] == reference.encode(
+            text, allowed_special="all"
+        )
     assert qwen_tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>"]) == [151643, 151644]
     assert qwen_tokenizer.padding_side == "left"
 
@@ -79,7 +81,13 @@ def test_head_shape_and_identity_activation(tiny_encoder):
 def test_encoder_save_and_load_round_trip(tiny_encoder, qwen_tokenizer, tmp_path):
     tiny_encoder.save_pretrained(tmp_path, qwen_tokenizer)
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"config.json", "model.safetensors", "mrl_head.safetensors", "tpembed_encoder.json", "tokenizer.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "mrl_head.safetensors",
+        "tpembed_encoder.json",
+        "tokenizer.json",
+    } <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl"))]
     loaded = Encoder.from_pretrained(tmp_path).eval()
     ids = torch.tensor([[5, 6, 7, 151643]])

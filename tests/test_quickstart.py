@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import REPO, subprocess_env
+
 from modeling import Encoder
 from train import build
 from train.checkpoint import complete_checkpoints
@@ -17,8 +17,19 @@ QUICKSTART = REPO / "configs" / "quickstart" / "stage1.yaml"
 
 
 def stage1(output_dir, *flags, launcher=(sys.executable,)):
-    command = [*launcher, str(REPO / "train" / "stage1.py"), "--config", str(QUICKSTART), "--output-dir", str(output_dir),
-               "--report-to", "tensorboard", "--progress-bar", "false", *flags]
+    command = [
+        *launcher,
+        str(REPO / "train" / "stage1.py"),
+        "--config",
+        str(QUICKSTART),
+        "--output-dir",
+        str(output_dir),
+        "--report-to",
+        "tensorboard",
+        "--progress-bar",
+        "false",
+        *flags,
+    ]
     result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     return result

@@ -1,6 +1,7 @@
 """The README's promises that can be checked here."""
 
 from conftest import REPO
+
 from train.config import reference_markdown
 
 

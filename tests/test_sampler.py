@@ -5,7 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from data import BatchBuilder, DatasetSpec, GroupedStepSampler, Lengths, TextFormat, read_dataset, sampling_probabilities
+from data import (
+    BatchBuilder,
+    DatasetSpec,
+    GroupedStepSampler,
+    Lengths,
+    TextFormat,
+    read_dataset,
+    sampling_probabilities,
+)
 
 
 def test_probabilities_follow_n_to_the_alpha():
@@ -84,13 +92,19 @@ def test_too_small_dataset_is_rejected():
 
 @pytest.fixture
 def two_datasets(tmp_path):
-    rows_a = [{"query": f"query a{i}", "pos": [f"pos a{i}"], "negs": [f"neg a{i}.{j}" for j in range(3)]} for i in range(40)]
-    rows_b = [{"query": f"query b{i}", "pos": f"pos b{i}", "neg": [f"neg b{i}.{j}" for j in range(6)]} for i in range(24)]
+    rows_a = [
+        {"query": f"query a{i}", "pos": [f"pos a{i}"], "negs": [f"neg a{i}.{j}" for j in range(3)]} for i in range(40)
+    ]
+    rows_b = [
+        {"query": f"query b{i}", "pos": f"pos b{i}", "neg": [f"neg b{i}.{j}" for j in range(6)]} for i in range(24)
+    ]
     specs = []
     for name, rows in (("a", rows_a), ("b", rows_b)):
         path = tmp_path / f"{name}.jsonl"
         path.write_text("\n".join(json.dumps(r) for r in rows))
-        specs.append(DatasetSpec(read_dataset(path, "retrieval", name), "instruct " + name, batch_size=8, num_hard_negatives=4))
+        specs.append(
+            DatasetSpec(read_dataset(path, "retrieval", name), "instruct " + name, batch_size=8, num_hard_negatives=4)
+        )
     return specs
 
 
@@ -98,8 +112,16 @@ def make_builder(specs, tokenizer, world_size=1, rank=0, accumulation=1, fallbac
     probabilities = sampling_probabilities([len(s.data) for s in specs], 0.5)
     sampler = GroupedStepSampler([len(s.data) for s in specs], [s.batch_size for s in specs], 5, probabilities)
     return BatchBuilder(
-        specs, sampler, tokenizer, TextFormat(), Lengths(32, 32), seed=5,
-        world_size=world_size, rank=rank, accumulation_steps=accumulation, negative_fallback=fallback,
+        specs,
+        sampler,
+        tokenizer,
+        TextFormat(),
+        Lengths(32, 32),
+        seed=5,
+        world_size=world_size,
+        rank=rank,
+        accumulation_steps=accumulation,
+        negative_fallback=fallback,
     )
 
 

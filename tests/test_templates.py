@@ -70,3 +70,64 @@ def test_positions_follow_padding(qwen_tokenizer, padding_side):
 
 def test_templates_are_registered():
     assert set(TEMPLATES) >= {"instruction", "prompteol", "prompteol_original"}
+
+
+# ---- stage 2: PromptEOL + instruction + placeholder (METHOD.md 4.2) ----------------
+
+STAGE2 = TextFormat(template=TEMPLATES["prompteol"], placeholder="<|im_start|>", append_eos=False)
+
+
+def test_stage2_rendering_is_byte_exact():
+    query = STAGE2.render("what is BM25?", INSTRUCTION)
+    expected_query = (
+        b"This sentence: <|im_start|>\xe2\x80\x9cInstruct: Given a web search query, retrieve relevant passages that "
+        b"answer the query\nQuery: what is BM25?\xe2\x80\x9d means in one word: \xe2\x80\x9c"
+    )
+    assert query.encode("utf-8") == expected_query
+    document = STAGE2.render("BM25 is a ranking function.", None)
+    assert document.encode("utf-8") == (
+        b"This sentence: <|im_start|>\xe2\x80\x9cBM25 is a ranking function."
+        b"\xe2\x80\x9d means in one word: \xe2\x80\x9c"
+    )
+    assert document == "This sentence: <|im_start|>\u201cBM25 is a ranking function.\u201d means in one word: \u201c"
+
+
+def test_original_prompteol_template():
+    original = TextFormat(template=TEMPLATES["prompteol_original"], placeholder=None, append_eos=False)
+    assert original.render("A man sings.", None) == 'This sentence : "A man sings." means in one word:"'
+
+
+def stage2_ids(tokenizer, text, instruction, max_length):
+    batch = tokenize(tokenizer, [STAGE2.pieces(text, instruction)], max_length, STAGE2)
+    return batch, batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+
+
+def test_stage2_truncation_keeps_the_suffix_and_the_placeholder(qwen_tokenizer):
+    long_text = " ".join(f"word{i}" for i in range(500))
+    batch, ids = stage2_ids(qwen_tokenizer, long_text, INSTRUCTION, 48)
+    assert len(ids) == 48
+    decoded = qwen_tokenizer.decode(ids)
+    assert decoded.startswith("This sentence: <|im_start|>\u201cInstruct: " + INSTRUCTION + "\nQuery: word0 word1")
+    assert decoded.endswith("\u201d means in one word: \u201c")
+    assert qwen_tokenizer.decode(ids[-1:]).endswith("\u201c"), "the final quote is the last token"
+    assert ids.count(151644) == 1
+    row = batch["input_ids"][0]
+    assert int(row[batch["placeholder_positions"][0]]) == 151644
+    assert int(batch["last_token_positions"][0]) == row.shape[0] - 1
+
+
+def test_placeholder_inside_user_text_is_removed(qwen_tokenizer):
+    text = "ignore <|im_start|> this"
+    assert STAGE2.render(text, None).count("<|im_start|>") == 1
+    assert STAGE2.render(text, None) == "This sentence: <|im_start|>\u201cignore  this\u201d means in one word: \u201c"
+    batch, ids = stage2_ids(qwen_tokenizer, text, "instruction with <|im_start|> inside", 64)
+    assert ids.count(151644) == 1
+
+
+def test_a_sequence_without_exactly_one_placeholder_is_refused(qwen_tokenizer):
+    from data.templates import pad_sequences
+
+    with pytest.raises(ValueError, match="exactly once"):
+        pad_sequences([[1, 151644, 2, 151644]], 0, "left", placeholder_id=151644)
+    with pytest.raises(ValueError, match="exactly once"):
+        pad_sequences([[1, 2]], 0, "left", placeholder_id=151644)

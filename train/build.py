@@ -18,6 +18,7 @@ from data import (
     ReadReport,
     Task,
     TextFormat,
+    ensure_placeholder,
     read_dataset,
     sampling_probabilities,
 )
@@ -29,9 +30,6 @@ from .checkpoint import MODEL_DIR, resolve_checkpoint
 from .config import Config, ConfigError, DatasetConfig, load_saved_config
 
 logger = logging.getLogger("tpembed")
-
-QWEN_PLACEHOLDER = "<|im_start|>"
-ADDED_PLACEHOLDER = "<|tp_placeholder|>"
 
 
 @dataclass
@@ -73,16 +71,13 @@ def build_text(config: Config, model_dir: Path | None = None) -> TextSetup:
     tp_layers = parse_tp_layers(config.tp.tp_layers)
     placeholder, added = None, False
     if template.has_placeholder_slot:
-        vocab = tokenizer.get_vocab()
-        placeholder = config.tp.placeholder_token or (QWEN_PLACEHOLDER if QWEN_PLACEHOLDER in vocab else ADDED_PLACEHOLDER)
-        if placeholder not in vocab:
-            if not config.tp.add_placeholder:
-                raise ConfigError(
-                    f"tp.placeholder_token: the tokenizer of {source} has no token {placeholder!r}; "
-                    "set tp.add_placeholder: true to add it, or choose a token it has"
-                )
-            tokenizer.add_special_tokens({"additional_special_tokens": [placeholder]})
-            added = True
+        try:
+            placeholder, added = ensure_placeholder(tokenizer, config.tp.placeholder_token, config.tp.add_placeholder)
+        except ValueError as error:
+            raise ConfigError(
+                f"tp.placeholder_token: {error} ({source}); set tp.add_placeholder: true to add it, "
+                "or choose a token it has"
+            ) from None
     elif tp_layers:
         raise ConfigError(
             f"tp.tp_layers: Token Prepending at layers {config.tp.tp_layers} needs a template with a placeholder "
@@ -100,7 +95,9 @@ def build_text(config: Config, model_dir: Path | None = None) -> TextSetup:
 def build_encoder(config: Config, text: TextSetup, model_dir: Path | None = None) -> Encoder:
     """A fresh encoder (stage 1) or one continued from `model_dir` (stage 2, resume)."""
     model = config.model
-    num_layers = backbone_config(str(model_dir) if model_dir else model.name_or_path, model.trust_remote_code).num_hidden_layers
+    num_layers = backbone_config(
+        str(model_dir) if model_dir else model.name_or_path, model.trust_remote_code
+    ).num_hidden_layers
     try:
         tp_layers = list(parse_tp_layers(config.tp.tp_layers, num_layers))
     except ValueError as error:
@@ -213,7 +210,9 @@ def build_sampler(config: Config, specs: list[DatasetSpec]) -> GroupedStepSample
         retrieval=[s.task is Task.retrieval for s in specs],
         eta_ret=config.data.eta_ret,
     )
-    return GroupedStepSampler([len(s.data) for s in specs], [s.batch_size for s in specs], config.train.seed, probabilities)
+    return GroupedStepSampler(
+        [len(s.data) for s in specs], [s.batch_size for s in specs], config.train.seed, probabilities
+    )
 
 
 def build_batches(

@@ -9,8 +9,8 @@ keys and wrong types fail at load time with the key's dotted name.
 from __future__ import annotations
 
 import argparse
-import json
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -116,7 +116,9 @@ class DataConfig:
 class LossConfig:
     temperature: float = _help("InfoNCE temperature tau", 0.02)
     cosent_temperature: float = _help("CoSENT temperature (0.05 is the common CoSENT value)", 0.02)
-    mrl_dims: list[int] = _help("Matryoshka dims, ascending, the last <= output_dim", factory=lambda: list(DEFAULT_MRL_DIMS))
+    mrl_dims: list[int] = _help(
+        "Matryoshka dims, ascending, the last <= output_dim", factory=lambda: list(DEFAULT_MRL_DIMS)
+    )
     mrl_weights: list[float] | None = _help("one weight per Matryoshka dim; default 1 each", None)
     query_query_negatives: bool = _help("other queries in the InfoNCE denominator", True)
     false_negative_margin: float | None = _help(
@@ -143,9 +145,7 @@ class TrainConfig:
     output_dir: str = _help("run directory: config, logs, checkpoints", "runs/stage1")
     max_steps: int = _help("optimizer steps", 32000)
     seed: int = _help("seed of initialisation and of the data order", 42)
-    gradient_accumulation_steps: int = _help(
-        "micro-steps per optimizer step (saves memory; does not add negatives)", 1
-    )
+    gradient_accumulation_steps: int = _help("micro-steps per optimizer step (saves memory; does not add negatives)", 1)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help("auto: bf16 on GPUs that support it", "auto")
     save_every: int = _help("checkpoint every N steps (and at the end)", 1000)
     keep_last: int = _help("checkpoints kept; older ones are pruned after a new one is complete", 3)
@@ -175,8 +175,6 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-
 
 
 # ---- type checking ------------------------------------------------------------------
@@ -424,7 +422,9 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"data.datasets[{i}].path: required")
         if dataset.weight < 0:
             raise ConfigError(f"data.datasets[{i}].weight: must be >= 0, got {dataset.weight}")
-        if dataset.score_range is not None and (len(dataset.score_range) != 2 or dataset.score_range[0] > dataset.score_range[1]):
+        if dataset.score_range is not None and (
+            len(dataset.score_range) != 2 or dataset.score_range[0] > dataset.score_range[1]
+        ):
             raise ConfigError(f"data.datasets[{i}].score_range: expected [min, max], got {dataset.score_range}")
     for tracker in config.logging.report_to:
         if tracker not in ("tensorboard", "wandb", "none"):

@@ -8,7 +8,6 @@ import math
 import os
 import resource
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, config_yaml, flatten, save_config, to_dict
+from .embedder import TextConfig
 
 logger = logging.getLogger("tpembed")
 
@@ -119,6 +119,7 @@ def train(config: Config) -> Path:
         state_dict = accelerator.get_state_dict(encoder)
         if accelerator.is_main_process:
             accelerator.unwrap_model(encoder).save_pretrained(directory, text.tokenizer, state_dict=state_dict)
+            TextConfig(text.text_format, config.data.query_max_len, config.data.passage_max_len).save(directory)
 
     def checkpoint(step: int) -> Path:
         sampler.step = step
@@ -201,7 +202,11 @@ def train(config: Config) -> Path:
             consecutive_nonfinite += 1
             logger.warning(
                 "step %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row, limit %d)",
-                step + 1, loss_value, grad_norm, consecutive_nonfinite, config.train.max_nonfinite_steps,
+                step + 1,
+                loss_value,
+                grad_norm,
+                consecutive_nonfinite,
+                config.train.max_nonfinite_steps,
             )
             if consecutive_nonfinite > config.train.max_nonfinite_steps:
                 accelerator.end_training()
@@ -304,7 +309,11 @@ def _log_stage_diff(source: Config, config: Config) -> None:
 def _log_data(specs, report, text) -> None:
     for spec in specs:
         logger.info(
-            "dataset %s: %s, %d examples, global batch %d", spec.data.name, spec.task.value, len(spec.data), spec.batch_size
+            "dataset %s: %s, %d examples, global batch %d",
+            spec.data.name,
+            spec.task.value,
+            len(spec.data),
+            spec.batch_size,
         )
     if report.dropped_empty_negatives:
         logger.warning("dropped %d empty hard negatives", report.dropped_empty_negatives)

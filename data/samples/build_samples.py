@@ -52,7 +52,10 @@ def main(source: Path) -> None:
 
     # classification: each CMRC 2018 trial question labelled with the passage it asks about
     cmrc = read(source / "cmrc2018_trial" / "train.jsonl")
-    write("cmrc2018_questions_zh.jsonl", [{"text": r["query"], "label": r["id"].rsplit("_QUERY_", 1)[0]} for r in cmrc if r["query"].strip()])
+    write(
+        "cmrc2018_questions_zh.jsonl",
+        [{"text": r["query"], "label": r["id"].rsplit("_QUERY_", 1)[0]} for r in cmrc if r["query"].strip()],
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,181 @@
+"""Stage 2 on the quickstart: from a stage-1 checkpoint, multi-task, Token Prepending on."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, subprocess_env
+from data import Task
+from modeling import Encoder, read_encoder_spec
+from train import build
+from train.config import ConfigError, load_config
+from train.embedder import Embedder
+
+STAGE1 = REPO / "configs" / "quickstart" / "stage1.yaml"
+STAGE2 = REPO / "configs" / "quickstart" / "stage2.yaml"
+
+
+def run(script, config, output_dir, *flags):
+    command = [
+        sys.executable,
+        str(REPO / "train" / script),
+        "--config",
+        str(config),
+        "--output-dir",
+        str(output_dir),
+        "--report-to",
+        "none",
+        "--progress-bar",
+        "false",
+        *flags,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("stage1")
+    run("stage1.py", STAGE1, run_dir, "--max-steps", "3", "--save-every", "3")
+    return run_dir
+
+
+def stage2_config(stage1_run, output_dir, *flags):
+    from train.stage2 import STAGE2_DEFAULTS
+
+    return load_config(
+        ["--config", str(STAGE2), "--init-from", str(stage1_run), "--output-dir", str(output_dir), *flags],
+        base=STAGE2_DEFAULTS,
+    )
+
+
+def test_stage2_starts_from_stage1_weights_with_tp_active(stage1_run, tmp_path):
+    config = stage2_config(stage1_run, tmp_path / "s2")
+    model_dir, source = build.init_source(config)
+    assert source.train.stage == 1
+    text = build.build_text(config, model_dir)
+    assert text.text_format.placeholder == "<|im_start|>" and not text.placeholder_added
+    encoder = build.build_encoder(config, text, model_dir)
+    stage1 = Encoder.from_pretrained(model_dir)
+    for (name, a), (_, b) in zip(encoder.state_dict().items(), stage1.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert encoder.token_prepending.layers == (1, 2, 3, 4, 5, 6, 7)
+
+    specs, _ = build.build_datasets(config, text.text_format)
+    batches = build.build_batches(config, specs, build.build_sampler(config, specs), text, 1, 0)
+    batch = batches.micro_batch(0, 0)
+    anchors = batch["anchors"]
+    assert (
+        anchors["input_ids"][torch.arange(len(anchors["input_ids"])), anchors["placeholder_positions"]] == 151644
+    ).all()
+    with torch.no_grad():
+        with_tp = encoder(**anchors)
+        assert encoder.token_prepending.applied_layers == [1, 2, 3, 4, 5, 6, 7]
+        encoder.set_tp_layers("none")
+        without_tp = encoder(**anchors)
+    assert not torch.allclose(with_tp, without_tp, atol=1e-4)
+
+
+def test_quickstart_stage2_trains_every_task(stage1_run, tmp_path):
+    run_dir = tmp_path / "stage2"
+    result = run(
+        "stage2.py", STAGE2, run_dir, "--init-from", str(stage1_run), "--max-steps", "10", "--save-every", "10"
+    )
+    assert "config values that differ from the stage-1 run" in result.stderr
+    assert "data.template: 'instruction' -> 'prompteol'" in result.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 10 and all(math.isfinite(r["loss"]) for r in records)
+    assert {r["task"] for r in records} <= {"retrieval", "sts", "classification"}
+    spec = read_encoder_spec(run_dir / "checkpoints" / "step-00000010" / "model")
+    assert spec.tp_layers == [1, 2, 3, 4, 5, 6, 7] and spec.placeholder_token == "<|im_start|>"
+
+    # the stage-2 model encodes with the template and TP it was trained with
+    embedder = Embedder.from_checkpoint(run_dir)
+    assert embedder.text.text_format.template.name == "prompteol"
+    embeddings = embedder.encode(["a man is playing a guitar", "一架飞机要起飞了。"], instruction="similar")
+    assert embeddings.shape == (2, 1792) and torch.isfinite(embeddings).all()
+
+    with pytest.raises(ConfigError, match="stage-2 checkpoint"):
+        build.init_source(stage2_config(run_dir, tmp_path / "again"))
+
+
+def test_init_from_something_else_fails(tmp_path):
+    with pytest.raises(ConfigError, match="not a tpembed checkpoint"):
+        build.init_source(stage2_config(tmp_path, tmp_path / "x"))
+
+
+def test_stage2_sampler_never_mixes_datasets_and_respects_eta(stage1_run, tmp_path, qwen_tokenizer):
+    config = stage2_config(stage1_run, tmp_path / "s2")
+    text = build.build_text(config, build.init_source(config)[0])
+    specs, _ = build.build_datasets(config, text.text_format)
+    sampler = build.build_sampler(config, specs)
+    retrieval = np.array([s.task is Task.retrieval for s in specs])
+    assert sampler.probabilities[retrieval].sum() == pytest.approx(0.72)
+    builders = [build.build_batches(config, specs, sampler, text, 2, rank) for rank in range(2)]
+    for step in range(24):
+        names = {b.micro_batch(step, 0)["dataset"] for b in builders}
+        assert names == {specs[sampler.dataset_at(step)].data.name}
+
+
+def test_sts_pairs_are_used_in_both_directions(qwen_tokenizer, tmp_path):
+    from data import BatchBuilder, DatasetSpec, GroupedStepSampler, Lengths, TextFormat, read_dataset
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(
+        '{"text1": "alpha", "text2": "beta", "score": 1}\n{"text1": "gamma", "text2": "delta", "score": 0}\n'
+    )
+    data = read_dataset(path, "sts", "pairs")
+    sampler = GroupedStepSampler([len(data)], [4], seed=0, probabilities=np.array([1.0]))
+    builder = BatchBuilder(
+        [DatasetSpec(data, None, 4)], sampler, qwen_tokenizer, TextFormat(append_eos=False), Lengths(16, 16), seed=0
+    )
+    batch = builder.micro_batch(0, 0)
+
+    def decode(side):
+        return [
+            qwen_tokenizer.decode(ids[m.bool()])
+            for ids, m in zip(batch[side]["input_ids"], batch[side]["attention_mask"])
+        ]
+
+    pairs = set(zip(decode("anchors"), decode("candidates")))
+    assert pairs == {("alpha", "beta"), ("beta", "alpha"), ("gamma", "delta"), ("delta", "gamma")}
+    assert sorted(batch["scores"].tolist()) == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_classification_examples_follow_labels(qwen_tokenizer, tmp_path):
+    from data import BatchBuilder, DatasetSpec, GroupedStepSampler, Lengths, TextFormat, read_dataset
+
+    rows = [{"text": f"{label}{i}", "label": label} for label in "abc" for i in range(4)]
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    data = read_dataset(path, "classification", "c")
+    sampler = GroupedStepSampler([len(data)], [6], seed=0, probabilities=np.array([1.0]))
+    builder = BatchBuilder(
+        [DatasetSpec(data, None, 6, num_hard_negatives=2)],
+        sampler,
+        qwen_tokenizer,
+        TextFormat(append_eos=False),
+        Lengths(16, 16),
+        seed=0,
+    )
+    batch = builder.micro_batch(0, 0)
+    anchors = [
+        qwen_tokenizer.decode(i[m.bool()])
+        for i, m in zip(batch["anchors"]["input_ids"], batch["anchors"]["attention_mask"])
+    ]
+    candidates = [
+        qwen_tokenizer.decode(i[m.bool()])
+        for i, m in zip(batch["candidates"]["input_ids"], batch["candidates"]["attention_mask"])
+    ]
+    labels = batch["candidate_labels"].view(6, 3)
+    for row, anchor in enumerate(anchors):
+        positive, *negatives = candidates[3 * row : 3 * row + 3]
+        assert positive[0] == anchor[0] and positive != anchor
+        assert all(n[0] != anchor[0] for n in negatives)
+        assert labels[row, 0] == batch["anchor_labels"][row] and (labels[row, 1:] != batch["anchor_labels"][row]).all()
