@@ -107,11 +107,21 @@ class TextFormat:
             text = text.replace(self.placeholder, "")
         return text if text.strip() else self.null_text
 
+    def prompt(self, instruction: str | None) -> str:
+        """The query-side prefix for `instruction` ("" for None: documents are raw)."""
+        if not instruction:
+            return ""
+        return self.instruction_format.format(instruction=self.clean(instruction))
+
     def pieces(self, text: str, instruction: str | None) -> tuple[str, str, str]:
         """(head, body, tail) for one text; `instruction` None renders the text raw."""
-        prefix = self.template.prefix.replace(PLACEHOLDER_SLOT, self.placeholder or "")
-        if instruction:
-            prefix += self.instruction_format.format(instruction=self.clean(instruction))
+        return self.pieces_with_prompt(text, self.prompt(instruction))
+
+    def pieces_with_prompt(self, text: str, prompt: str) -> tuple[str, str, str]:
+        """(head, body, tail) with an already formatted prompt (a sentence-transformers prompt)."""
+        if self.placeholder:
+            prompt = prompt.replace(self.placeholder, "")
+        prefix = self.template.prefix.replace(PLACEHOLDER_SLOT, self.placeholder or "") + prompt
         return prefix, self.clean(text), self.template.suffix
 
     def render(self, text: str, instruction: str | None) -> str:

@@ -2,6 +2,7 @@
 
 import copy
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -63,3 +64,49 @@ def tiny_encoder(tiny_backbone):
 
     torch.manual_seed(0)
     return Encoder(tiny_backbone, EncoderSpec(output_dim=1792)).eval()
+
+
+def run_script(script: str, config: Path, output_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    """Run train/<script> in a fresh process; fails the test with its stderr on error."""
+    command = [
+        sys.executable,
+        str(REPO / "train" / script),
+        "--config",
+        str(config),
+        "--output-dir",
+        str(output_dir),
+        "--report-to",
+        "none",
+        "--progress-bar",
+        "false",
+        *flags,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def quickstart_stage1(tmp_path_factory):
+    """A 3-step quickstart stage-1 run (session-wide; treat as read-only)."""
+    run_dir = tmp_path_factory.mktemp("quickstart") / "stage1"
+    run_script("stage1.py", REPO / "configs/quickstart/stage1.yaml", run_dir, "--max-steps", "3", "--save-every", "3")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def quickstart_stage2(tmp_path_factory, quickstart_stage1):
+    """A 10-step quickstart stage-2 run from quickstart_stage1; (run dir, its stderr)."""
+    run_dir = quickstart_stage1.parent / "stage2"
+    result = run_script(
+        "stage2.py",
+        REPO / "configs/quickstart/stage2.yaml",
+        run_dir,
+        "--init-from",
+        str(quickstart_stage1),
+        "--max-steps",
+        "10",
+        "--save-every",
+        "10",
+    )
+    return run_dir, result.stderr

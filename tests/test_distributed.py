@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, subprocess_env
 from safetensors.torch import load_file
+
+from conftest import REPO, subprocess_env
 
 WORKER = Path(__file__).parent / "workers" / "gathered_gradients.py"
 

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import torch
-from conftest import REPO, subprocess_env
 
+from conftest import REPO, subprocess_env
 from modeling import Encoder
 from train import build
 from train.checkpoint import complete_checkpoints

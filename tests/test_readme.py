@@ -1,7 +1,6 @@
 """The README's promises that can be checked here."""
 
 from conftest import REPO
-
 from train.config import reference_markdown
 
 

@@ -2,61 +2,32 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, subprocess_env
+from conftest import REPO
 from data import Task
 from modeling import Encoder, read_encoder_spec
 from train import build
 from train.config import ConfigError, load_config
 from train.embedder import Embedder
 
-STAGE1 = REPO / "configs" / "quickstart" / "stage1.yaml"
 STAGE2 = REPO / "configs" / "quickstart" / "stage2.yaml"
 
 
-def run(script, config, output_dir, *flags):
-    command = [
-        sys.executable,
-        str(REPO / "train" / script),
-        "--config",
-        str(config),
-        "--output-dir",
-        str(output_dir),
-        "--report-to",
-        "none",
-        "--progress-bar",
-        "false",
-        *flags,
-    ]
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def stage1_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("stage1")
-    run("stage1.py", STAGE1, run_dir, "--max-steps", "3", "--save-every", "3")
-    return run_dir
-
-
-def stage2_config(stage1_run, output_dir, *flags):
+def stage2_config(quickstart_stage1, output_dir, *flags):
     from train.stage2 import STAGE2_DEFAULTS
 
     return load_config(
-        ["--config", str(STAGE2), "--init-from", str(stage1_run), "--output-dir", str(output_dir), *flags],
+        ["--config", str(STAGE2), "--init-from", str(quickstart_stage1), "--output-dir", str(output_dir), *flags],
         base=STAGE2_DEFAULTS,
     )
 
 
-def test_stage2_starts_from_stage1_weights_with_tp_active(stage1_run, tmp_path):
-    config = stage2_config(stage1_run, tmp_path / "s2")
+def test_stage2_starts_from_stage1_weights_with_tp_active(quickstart_stage1, tmp_path):
+    config = stage2_config(quickstart_stage1, tmp_path / "s2")
     model_dir, source = build.init_source(config)
     assert source.train.stage == 1
     text = build.build_text(config, model_dir)
@@ -82,13 +53,10 @@ def test_stage2_starts_from_stage1_weights_with_tp_active(stage1_run, tmp_path):
     assert not torch.allclose(with_tp, without_tp, atol=1e-4)
 
 
-def test_quickstart_stage2_trains_every_task(stage1_run, tmp_path):
-    run_dir = tmp_path / "stage2"
-    result = run(
-        "stage2.py", STAGE2, run_dir, "--init-from", str(stage1_run), "--max-steps", "10", "--save-every", "10"
-    )
-    assert "config values that differ from the stage-1 run" in result.stderr
-    assert "data.template: 'instruction' -> 'prompteol'" in result.stderr
+def test_quickstart_stage2_trains(quickstart_stage2, tmp_path):
+    run_dir, stderr = quickstart_stage2
+    assert "config values that differ from the stage-1 run" in stderr
+    assert "data.template: 'instruction' -> 'prompteol'" in stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 10 and all(math.isfinite(r["loss"]) for r in records)
     assert {r["task"] for r in records} <= {"retrieval", "sts", "classification"}
@@ -110,8 +78,8 @@ def test_init_from_something_else_fails(tmp_path):
         build.init_source(stage2_config(tmp_path, tmp_path / "x"))
 
 
-def test_stage2_sampler_never_mixes_datasets_and_respects_eta(stage1_run, tmp_path, qwen_tokenizer):
-    config = stage2_config(stage1_run, tmp_path / "s2")
+def test_stage2_sampler_never_mixes_datasets_and_respects_eta(quickstart_stage1, tmp_path, qwen_tokenizer):
+    config = stage2_config(quickstart_stage1, tmp_path / "s2")
     text = build.build_text(config, build.init_source(config)[0])
     specs, _ = build.build_datasets(config, text.text_format)
     sampler = build.build_sampler(config, specs)

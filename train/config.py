@@ -167,6 +167,26 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalTaskConfig:
+    name: str = _help("name in results and logs", "")
+    type: Literal["sts", "retrieval"] = _help(
+        "sts: pairs with scores (Spearman); retrieval: BEIR layout (nDCG@10)", "sts"
+    )
+    path: str = _help("sts: JSONL of {sentence1, sentence2, score}; retrieval: BEIR directory", "")
+    instruction: str | None = _help("query-side instruction (sts: both sides)", None)
+    limit: int | None = _help("evaluate only the first N pairs / queries", None)
+    split: str = _help("retrieval: qrels/<split>.tsv", "test")
+
+
+@dataclass
+class EvalConfig:
+    eval_tasks: list[EvalTaskConfig] = _help("dev sets evaluated during training", factory=list)
+    eval_every: int = _help("evaluate every N steps on the main process (0: never)", 0)
+    eval_limit: int | None = _help("cap on pairs / queries per dev set during training", 500)
+    eval_batch_size: int = _help("texts per encoding batch during evaluation", 64)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tp: TokenPrependingConfig = field(default_factory=TokenPrependingConfig)
@@ -175,6 +195,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---- type checking ------------------------------------------------------------------
@@ -321,7 +342,7 @@ def leaf_fields() -> dict[str, tuple[str, dataclasses.Field, Any]]:
     for group, cls in _hints(Config).items():
         hints = _hints(cls)
         for f in dataclasses.fields(cls):
-            if f.name == "datasets":
+            if f.name in ("datasets", "eval_tasks"):
                 continue
             if f.name in leaves:
                 raise RuntimeError(f"config field name {f.name!r} is used by two groups")
@@ -426,6 +447,11 @@ def validate(config: Config) -> Config:
             len(dataset.score_range) != 2 or dataset.score_range[0] > dataset.score_range[1]
         ):
             raise ConfigError(f"data.datasets[{i}].score_range: expected [min, max], got {dataset.score_range}")
+    for i, task in enumerate(config.eval.eval_tasks):
+        if not task.name or not task.path:
+            raise ConfigError(f"eval.eval_tasks[{i}]: needs a name and a path")
+    if config.eval.eval_every < 0:
+        raise ConfigError(f"eval.eval_every: must be >= 0, got {config.eval.eval_every}")
     for tracker in config.logging.report_to:
         if tracker not in ("tensorboard", "wandb", "none"):
             raise ConfigError(f"logging.report_to: unknown tracker {tracker!r} (tensorboard, wandb, none)")
@@ -434,6 +460,19 @@ def validate(config: Config) -> Config:
 
 def config_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+
+
+def load_eval_tasks(path: str | Path) -> list[EvalTaskConfig]:
+    """A YAML file with a top-level `tasks:` list of evaluation tasks (configs/eval/)."""
+    values = read_yaml(path)
+    unknown = [k for k in values if k != "tasks"]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{unknown[0]}' (an eval file holds only 'tasks')")
+    tasks = _convert(values.get("tasks", []), list[EvalTaskConfig], f"{path}: tasks")
+    for i, task in enumerate(tasks):
+        if not task.name or not task.path:
+            raise ConfigError(f"{path}: tasks[{i}] needs a name and a path")
+    return tasks
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,7 +30,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, config_yaml, flatten, save_config, to_dict
-from .embedder import TextConfig
+from .embedder import Embedder, TextConfig
+from .eval import embedder_encode_fn, evaluate, flat_metrics, format_table, load_beir, load_sts
 
 logger = logging.getLogger("tpembed")
 
@@ -144,6 +146,26 @@ def train(config: Config) -> Path:
         logger.info("checkpoint %s", path)
         return path
 
+    dev_sets = _load_dev_sets(config) if accelerator.is_main_process else []
+    dev_data = {task.name: data for task, data in dev_sets}
+    text_config = TextConfig(text.text_format, config.data.query_max_len, config.data.passage_max_len)
+
+    def dev_evaluation(step: int) -> None:
+        """Dev sets on the main process while the others wait; scores go to the trackers."""
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(encoder)
+            embedder = Embedder(model, text.tokenizer, text_config, device=accelerator.device)
+            encode = embedder_encode_fn(embedder, config.eval.eval_batch_size)
+            with accelerator.autocast():
+                results = evaluate(encode, [task for task, _ in dev_sets], model.spec.mrl_dims, dev_data)
+            metrics = flat_metrics(results)
+            accelerator.log(metrics, step=step)
+            with (run_dir / "eval.jsonl").open("a") as handle:
+                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+            logger.info("step %d dev evaluation:\n%s", step, format_table(results))
+            model.train()
+        accelerator.wait_for_everyone()
+
     accumulation = config.train.gradient_accumulation_steps
     max_steps = config.train.max_steps
     loader = torch.utils.data.DataLoader(
@@ -239,6 +261,8 @@ def train(config: Config) -> Path:
             accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", data=dataset)
+        if config.eval.eval_every and (done % config.eval.eval_every == 0 or done == max_steps):
+            dev_evaluation(done)
         if done % config.train.save_every == 0 or done == max_steps:
             checkpoint(done)
 
@@ -279,6 +303,15 @@ class _Window:
     def rates(self) -> dict:
         seconds = max(self.seconds, 1e-9)
         return {"samples_per_s": self.examples / seconds, "tokens_per_s": self.tokens / seconds}
+
+
+def _load_dev_sets(config: Config) -> list:
+    """(task, loaded data) of every dev set, capped at eval_limit examples."""
+    loaded = []
+    for task in config.eval.eval_tasks:
+        task = dataclasses.replace(task, limit=min(filter(None, [task.limit, config.eval.eval_limit]), default=None))
+        loaded.append((task, load_sts(task) if task.type == "sts" else load_beir(task)))
+    return loaded
 
 
 def _peak_memory_mb() -> float:

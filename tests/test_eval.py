@@ -1,0 +1,151 @@
+"""Evaluation: metrics against hand computations, per-dim results, dev sets during training."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import REPO, SHARED_DATA, run_script
+from train.config import EvalTaskConfig, load_eval_tasks
+from train.eval import evaluate, main, write_results
+from train.metrics import mrr_at_k, ndcg_at_k, recall_at_k, retrieval_scores, spearman
+
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the workplace's ../shared/data is not present")
+
+
+def test_ndcg_with_graded_qrels_by_hand():
+    qrels = {"d1": 0, "d2": 2, "d3": 1, "d4": 3}
+    ranked = ["d1", "d2", "d3", "d5"]
+    dcg = 0 / math.log2(2) + 2 / math.log2(3) + 1 / math.log2(4)
+    idcg = 3 / math.log2(2) + 2 / math.log2(3) + 1 / math.log2(4)
+    assert ndcg_at_k(ranked, qrels, k=10) == pytest.approx(dcg / idcg)
+    assert ndcg_at_k(ranked, qrels, k=1) == 0.0
+    assert ndcg_at_k(["d4", "d2", "d3"], qrels, k=3) == pytest.approx(1.0)
+
+
+def test_recall_and_mrr_by_hand():
+    qrels = {"a": 1, "b": 1, "c": 0}
+    assert recall_at_k(["x", "a", "c"], qrels, k=3) == pytest.approx(0.5)
+    assert recall_at_k(["x", "a", "b"], qrels, k=2) == pytest.approx(0.5)
+    assert mrr_at_k(["c", "x", "b"], qrels, k=10) == pytest.approx(1 / 3)
+    assert mrr_at_k(["c", "x", "b"], qrels, k=2) == 0.0
+
+
+def test_retrieval_scores_average_over_judged_queries():
+    rankings = {"q1": ["a", "b"], "q2": ["b", "a"], "q3": ["a"]}
+    qrels = {"q1": {"a": 1}, "q2": {"a": 1}, "q3": {"z": 0}}
+    scores = retrieval_scores(rankings, qrels, k=10)
+    assert scores["mrr@10"] == pytest.approx(100 * (1 + 0.5) / 2)
+    assert scores["recall@10"] == pytest.approx(100.0)
+
+
+def test_spearman_by_hand():
+    # ranks of x: 1 2 3 4; ranks of y: 1 3 2 4 -> rho = 1 - 6 * (0 + 1 + 1 + 0) / (4 * 15) = 0.8
+    assert spearman([0.1, 0.2, 0.3, 0.4], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(80.0)
+
+
+def test_evaluate_on_a_hand_built_dataset(tmp_path):
+    """A fake encoder with known vectors: every number below is worked out by hand."""
+    vectors = {
+        "q1": [1.0, 0.0, 0.0, 0.0], "q2": [0.0, 1.0, 0.0, 0.0],
+        "doc a": [1.0, 0.1, 0.0, 0.0], "doc b": [0.0, 1.0, 0.0, 1.0], "doc c": [0.6, 0.8, 0.0, 0.0],
+        "s1": [1.0, 0.0, 0.0, 0.0], "s2": [1.0, 1.0, 0.0, 0.0], "s3": [0.0, 1.0, 1.0, 0.0],
+    }  # fmt: skip
+
+    def encode(texts, instruction):
+        return torch.tensor([vectors[t] for t in texts])
+
+    sts = tmp_path / "sts.jsonl"
+    rows = [("s1", "s1", 5.0), ("s1", "s2", 3.0), ("s1", "s3", 1.0)]  # cosines 1, 0.707, 0
+    sts.write_text("\n".join(json.dumps({"sentence1": a, "sentence2": b, "score": s}) for a, b, s in rows))
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text(
+        "\n".join(json.dumps({"_id": i, "title": "", "text": f"doc {i}"}) for i in "abc")
+    )
+    (beir / "queries.jsonl").write_text('{"_id": "1", "text": "q1"}\n{"_id": "2", "text": "q2"}\n')
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n1\tc\t2\n1\ta\t1\n2\tb\t1\n")
+    tasks = [
+        EvalTaskConfig(name="sts", type="sts", path=str(sts)),
+        EvalTaskConfig(name="ret", type="retrieval", path=str(beir)),
+    ]
+    results = evaluate(encode, tasks, dims=[1, 4])
+    assert results["tasks"]["sts"]["by_dim"]["4"]["spearman"] == pytest.approx(100.0)
+    # q1 at dim 4 ranks a (0.995) > c (0.6) > b (0): DCG = 1 + 2/log2(3), IDCG = 2 + 1/log2(3)
+    ndcg_q1 = (1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3))
+    # q2 ranks c (0.8) > b (0.707) > a: first relevant at rank 2
+    ndcg_q2 = (1 / math.log2(3)) / 1
+    retrieval = results["tasks"]["ret"]["by_dim"]["4"]
+    assert retrieval["ndcg@10"] == pytest.approx(100 * (ndcg_q1 + ndcg_q2) / 2)
+    assert retrieval["mrr@10"] == pytest.approx(100 * (1 + 0.5) / 2)
+    assert set(results["tasks"]["ret"]["by_dim"]) == {"1", "4"}
+    json_path, plot_path = write_results(results, tmp_path / "out")
+    assert json.loads(json_path.read_text())["dims"] == [1, 4] and plot_path.stat().st_size > 1000
+
+
+def test_eval_task_files_load():
+    for path in sorted((REPO / "configs" / "eval").glob("*.yaml")):
+        tasks = load_eval_tasks(path)
+        assert tasks and all(t.path.startswith("../shared/data/") for t in tasks)
+
+
+@needs_shared
+def test_quickstart_checkpoint_on_stsb_and_xquad_slices(quickstart_stage2, tmp_path, capsys):
+    run_dir, _ = quickstart_stage2
+    code = main(
+        [
+            str(run_dir),
+            "--sts",
+            str(SHARED_DATA / "stsb_en/dev.jsonl"),
+            "--retrieval",
+            str(SHARED_DATA / "xquad_retrieval/en"),
+            "--limit",
+            "40",
+            "--output-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "stsb_en/dev" in printed and "ndcg@10" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["dims"] == [128, 256, 512, 768, 1024, 1280, 1536, 1792]
+    sts, xquad = results["tasks"]["stsb_en/dev"], results["tasks"]["xquad_retrieval/en"]
+    assert sts["num_examples"] == 40 and xquad["num_examples"] == 40
+    for task in (sts, xquad):
+        for dim in results["dims"]:
+            value = task["by_dim"][str(dim)][task["main_metric"]]
+            assert math.isfinite(value) and -100 <= value <= 100
+    assert (tmp_path / "dims.png").is_file()
+
+
+def test_dev_sets_are_evaluated_during_training(tmp_path):
+    rows = [json.loads(line) for line in (REPO / "data/samples/snli_pairs_en.jsonl").read_text().splitlines()[:30]]
+    dev = tmp_path / "dev.jsonl"
+    scores = {"entailment": 2, "neutral": 1, "contradiction": 0}
+    dev.write_text(
+        "\n".join(
+            json.dumps({"sentence1": r["text1"], "sentence2": r["text2"], "score": scores[r["label"]]}) for r in rows
+        )
+    )
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        json.dumps({"eval": {"eval_tasks": [{"name": "dev", "type": "sts", "path": str(dev)}], "eval_every": 2}})
+    )
+    run_dir = tmp_path / "run"
+    run_script(
+        "stage1.py",
+        REPO / "configs/quickstart/stage1.yaml",
+        run_dir,
+        "--config",
+        str(config),
+        "--max-steps",
+        "2",
+        "--save-every",
+        "2",
+    )
+    logged = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == [2]
+    assert {f"eval/dev/spearman@{d}" for d in (128, 1792)} <= set(logged[0])

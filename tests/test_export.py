@@ -1,0 +1,172 @@
+"""Export to sentence-transformers: a fresh process reproduces the training-time embeddings."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import REPO, subprocess_env
+from train.embedder import Embedder
+from train.export import ExportError, export, parity_check
+
+INSTRUCTION = "Given a premise, retrieve a hypothesis that is entailed by the premise"
+TEXTS = ["A man is playing a guitar.", "一架飞机要起飞了。", "", "x " * 300, "placeholder <|im_start|> in text"]
+
+FRESH_PROCESS = """
+import sys
+from safetensors.torch import save_file
+from sentence_transformers import SentenceTransformer
+import json
+path, out, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model = SentenceTransformer(path, trust_remote_code=True, device="cpu")
+result = {
+    "query": model.encode(texts, prompt_name="query", convert_to_tensor=True),
+    "document": model.encode(texts, prompt_name="document", convert_to_tensor=True),
+}
+truncated = SentenceTransformer(path, trust_remote_code=True, device="cpu", truncate_dim=256)
+result["query_256"] = truncated.encode(texts, prompt_name="query", convert_to_tensor=True, normalize_embeddings=True)
+save_file({k: v.contiguous() for k, v in result.items()}, out)
+"""
+
+
+@pytest.fixture(scope="module")
+def exports(quickstart_stage1, quickstart_stage2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    stage1 = export(quickstart_stage1, root / "stage1", query_instruction=INSTRUCTION)
+    # stage 2 through the command line, as a user runs it
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.export",
+            str(quickstart_stage2[0]),
+            str(root / "stage2"),
+            "--query-instruction",
+            INSTRUCTION,
+            "--prompt",
+            "sts=Retrieve semantically similar text",
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert re.search(r"parity query: max abs diff \d\.\d+e-\d+", result.stdout)
+    assert stage1.max_abs_diff["query"] <= 1e-4
+    return {"stage1": (quickstart_stage1, root / "stage1"), "stage2": (quickstart_stage2[0], root / "stage2")}
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_fresh_process_encodes_like_training(exports, stage, tmp_path):
+    run_dir, export_dir = exports[stage]
+    out = tmp_path / "encoded.safetensors"
+    env = subprocess_env() | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(export_dir), str(out), json.dumps(TEXTS)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    exported = load_file(str(out))
+    embedder = Embedder.from_checkpoint(run_dir)
+    queries = embedder.encode(TEXTS, instruction=INSTRUCTION)
+    documents = embedder.encode(TEXTS)
+    torch.testing.assert_close(exported["query"], queries, atol=1e-5, rtol=0)
+    torch.testing.assert_close(exported["document"], documents, atol=1e-5, rtol=0)
+    sliced = torch.nn.functional.normalize(queries[:, :256], dim=-1)
+    torch.testing.assert_close(exported["query_256"], sliced, atol=1e-5, rtol=0)
+    assert not torch.allclose(queries, documents, atol=1e-3), "the query prompt must change the embedding"
+
+
+def test_directory_layout_no_absolute_paths_no_pickles(exports, tmp_path):
+    for run_dir, export_dir in exports.values():
+        files = [p for p in export_dir.rglob("*") if p.is_file()]
+        names = {str(p.relative_to(export_dir)) for p in files}
+        assert {
+            "modules.json",
+            "config_sentence_transformers.json",
+            "model.safetensors",
+            "tpembed_st.py",
+            "1_Pooling/config.json",
+            "2_Dense/config.json",
+            "2_Dense/model.safetensors",
+            "README.md",
+        } <= names
+        assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"))]
+        for path in files:
+            if path.suffix in (".json", ".py", ".md", ".txt", ".yaml"):
+                text = path.read_text()
+                for absolute in (str(export_dir), str(run_dir), str(REPO), str(tmp_path.parent.parent)):
+                    assert absolute not in text, f"{path.name} holds the absolute path {absolute}"
+        modules = json.loads((export_dir / "modules.json").read_text())
+        assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["TPEmbedTransformer", "Pooling", "Dense"]
+        assert not any("Normalize" in m["type"] for m in modules)
+        assert json.loads((export_dir / "1_Pooling/config.json").read_text())["pooling_mode"] == "lasttoken"
+        dense = json.loads((export_dir / "2_Dense/config.json").read_text())
+        assert (dense["in_features"], dense["out_features"], dense["bias"]) == (64, 1792, True)
+        assert dense["activation_function"] == "torch.nn.modules.linear.Identity"
+        assert json.loads((export_dir / "tokenizer_config.json").read_text())["padding_side"] == "left"
+        st_config = json.loads((export_dir / "config_sentence_transformers.json").read_text())
+        assert st_config["similarity_fn_name"] == "cosine" and st_config["prompts"]["document"] == ""
+
+
+def test_template_and_instruction_are_applied_exactly_once(exports):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(exports["stage2"][1]), trust_remote_code=True, device="cpu")
+    assert model.prompts["query"] == f"Instruct: {INSTRUCTION}\nQuery: "
+    assert model.prompts["sts"] == "Instruct: Retrieve semantically similar text\nQuery: "
+    features = model.preprocess(["a man sings"], prompt=model.prompts["query"])
+    text = model.tokenizer.decode(features["input_ids"][0][features["attention_mask"][0].bool()])
+    expected = f"This sentence: <|im_start|>\u201cInstruct: {INSTRUCTION}\nQuery: a man sings\u201d means in one word: "
+    assert text == expected + "\u201c"
+    stage1 = SentenceTransformer(str(exports["stage1"][1]), trust_remote_code=True, device="cpu")
+    features = stage1.preprocess(["a man sings"], prompt=stage1.prompts["query"])
+    text = stage1.tokenizer.decode(features["input_ids"][0])
+    assert text == f"Instruct: {INSTRUCTION}\nQuery: a man sings<|endoftext|>"
+
+
+def test_parity_check_fails_loudly_on_a_wrong_export(exports, tmp_path):
+    run_dir, export_dir = exports["stage2"]
+    broken = tmp_path / "broken"
+    shutil.copytree(export_dir, broken)
+    weights = load_file(str(broken / "2_Dense/model.safetensors"))
+    weights["linear.bias"] = weights["linear.bias"] + 1e-2
+    save_file(weights, str(broken / "2_Dense/model.safetensors"))
+    with pytest.raises(ExportError, match="parity check failed"):
+        parity_check(broken, Embedder.from_checkpoint(run_dir), INSTRUCTION)
+
+
+def test_export_refuses_to_overwrite(exports):
+    run_dir, export_dir = exports["stage1"]
+    with pytest.raises(ExportError, match="exists"):
+        export(run_dir, export_dir)
+
+
+def test_model_card_describes_the_model_and_its_snippet_runs(exports, tmp_path):
+    run_dir, export_dir = exports["stage2"]
+    card = (export_dir / "README.md").read_text()
+    assert "`tpembed:tiny-qwen3`" in card and "stage 1: 3 steps; stage 2: 10 steps" in card
+    assert "| Token Prepending layers | 1, 2, 3, 4, 5, 6, 7 |" in card
+    assert "128, 256, 512, 768, 1024, 1280, 1536, 1792" in card
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("PATH/TO/THIS/DIRECTORY", str(export_dir))
+    result = subprocess.run(
+        [sys.executable, "-c", snippet],
+        cwd=tmp_path,
+        env=subprocess_env() | {"HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tensor" in result.stdout

@@ -1,0 +1,311 @@
+"""Evaluate a model at every Matryoshka dim on local datasets (encode once, slice per dim).
+
+    # a tpembed run, checkpoint or model directory
+    python -m train.eval runs/quickstart/stage2 --sts ../shared/data/stsb_en/dev.jsonl \\
+        --retrieval ../shared/data/xquad_retrieval/en --output-dir evals/quickstart
+
+    # an exported sentence-transformers directory, with a task file
+    python -m train.eval exports/quickstart --tasks configs/eval/english_dev.yaml --output-dir evals/x
+
+    # a base LM without training (PromptEOL, optional Token Prepending)
+    python -m train.eval --base-model PATH --template prompteol --tp-layers 1-7 --tasks configs/eval/english_dev.yaml
+
+Tasks:
+  sts        JSONL {sentence1, sentence2, score}: Spearman of cosine x100; the
+             instruction goes on both sides.
+  retrieval  BEIR layout (corpus.jsonl, queries.jsonl, qrels/<split>.tsv):
+             nDCG@10, Recall@10, MRR@10 x100; the instruction goes on queries,
+             documents are "title text".
+
+Writes results.json and a plot of the main score against the dim (dims.png) to
+--output-dir, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data.formats import iter_rows
+
+from .config import ConfigError, EvalTaskConfig, load_eval_tasks
+from .metrics import retrieval_scores, spearman
+
+EncodeFn = Callable[[list[str], "str | None"], torch.Tensor]
+
+DEFAULT_STS_INSTRUCTION = "Retrieve semantically similar text"
+DEFAULT_RETRIEVAL_INSTRUCTION = "Given a question, retrieve passages that answer the question"
+MAIN_METRIC = {"sts": "spearman", "retrieval": "ndcg@10"}
+
+
+def load_sts(task: EvalTaskConfig) -> tuple[list[str], list[str], list[float]]:
+    first, second, scores = [], [], []
+    for location, row in iter_rows(task.path):
+        try:
+            first.append(row["sentence1"])
+            second.append(row["sentence2"])
+            scores.append(float(row["score"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{location}: expected sentence1, sentence2 and a numeric score ({error})") from None
+        if task.limit and len(scores) >= task.limit:
+            break
+    return first, second, scores
+
+
+def load_beir(task: EvalTaskConfig):
+    """(doc ids, doc texts, query ids, query texts, qrels) of a BEIR directory."""
+    root = Path(task.path)
+    qrels: dict[str, dict[str, float]] = {}
+    qrels_path = root / "qrels" / f"{task.split}.tsv"
+    if not qrels_path.is_file():
+        raise FileNotFoundError(f"{qrels_path} does not exist (BEIR layout: qrels/{task.split}.tsv)")
+    with qrels_path.open(encoding="utf-8") as handle:
+        reader = csv.reader(handle, delimiter="\t")
+        header = next(reader)
+        if header[:2] != ["query-id", "corpus-id"]:
+            raise ValueError(f"{qrels_path}: expected the header 'query-id corpus-id score', got {header}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                qrels.setdefault(row[0], {})[row[1]] = float(row[2])
+            except (IndexError, ValueError):
+                raise ValueError(f"{qrels_path}:{line}: expected query-id, corpus-id, numeric score") from None
+    doc_ids, doc_texts = [], []
+    for _, row in iter_rows(root / "corpus.jsonl"):
+        doc_ids.append(str(row["_id"]))
+        doc_texts.append(f"{row.get('title') or ''} {row['text']}".strip())
+    query_ids, query_texts = [], []
+    for _, row in iter_rows(root / "queries.jsonl"):
+        if str(row["_id"]) in qrels:
+            query_ids.append(str(row["_id"]))
+            query_texts.append(row["text"])
+        if task.limit and len(query_ids) >= task.limit:
+            break
+    return doc_ids, doc_texts, query_ids, query_texts, qrels
+
+
+def _slice(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
+    return F.normalize(embeddings[:, :dim].float(), dim=-1)
+
+
+def evaluate_task(encode: EncodeFn, task: EvalTaskConfig, dims: list[int], data=None) -> dict:
+    """Scores of one task at every dim; `data` is the loaded task (loaded here when None)."""
+    if task.type == "sts":
+        first, second, gold = data or load_sts(task)
+        instruction = task.instruction
+        left, right = encode(first, instruction), encode(second, instruction)
+        by_dim = {
+            str(dim): {"spearman": spearman((_slice(left, dim) * _slice(right, dim)).sum(-1), gold)} for dim in dims
+        }
+        count = len(gold)
+    elif task.type == "retrieval":
+        doc_ids, doc_texts, query_ids, query_texts, qrels = data or load_beir(task)
+        queries, documents = encode(query_texts, task.instruction), encode(doc_texts, None)
+        by_dim = {}
+        for dim in dims:
+            scores = _slice(queries, dim) @ _slice(documents, dim).T  # (queries, docs)
+            order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :100]
+            rankings = {q: [doc_ids[i] for i in row] for q, row in zip(query_ids, order.tolist())}
+            by_dim[str(dim)] = retrieval_scores(rankings, qrels, k=10)
+        count = len(query_ids)
+    else:
+        raise ValueError(f"task {task.name}: unknown type {task.type!r}")
+    return {"type": task.type, "main_metric": MAIN_METRIC[task.type], "num_examples": count, "by_dim": by_dim}
+
+
+def evaluate(encode: EncodeFn, tasks: list[EvalTaskConfig], dims: list[int], loaded: dict | None = None) -> dict:
+    loaded = loaded or {}
+    return {
+        "dims": list(dims),
+        "tasks": {task.name: evaluate_task(encode, task, dims, loaded.get(task.name)) for task in tasks},
+    }
+
+
+def flat_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
+    """{"eval/stsb/spearman@1792": 71.2, ...} for trackers."""
+    return {
+        f"{prefix}/{name}/{metric}@{dim}": value
+        for name, task in results["tasks"].items()
+        for dim, metrics in task["by_dim"].items()
+        for metric, value in metrics.items()
+    }
+
+
+def format_table(results: dict) -> str:
+    dims = results["dims"]
+    header = f"{'task':<24} {'metric':<10}" + "".join(f"{d:>8}" for d in dims)
+    lines = [header, "-" * len(header)]
+    for name, task in results["tasks"].items():
+        metric = task["main_metric"]
+        lines.append(f"{name:<24} {metric:<10}" + "".join(f"{task['by_dim'][str(d)][metric]:>8.2f}" for d in dims))
+    return "\n".join(lines)
+
+
+def write_results(results: dict, output_dir: str | Path) -> tuple[Path, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / "results.json"
+    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    dims = results["dims"]
+    for name, task in results["tasks"].items():
+        metric = task["main_metric"]
+        axis.plot(dims, [task["by_dim"][str(d)][metric] for d in dims], marker="o", label=f"{name} ({metric})")
+    axis.set_xlabel("embedding dim (Matryoshka prefix)")
+    axis.set_ylabel("score x100")
+    axis.set_xticks(dims)
+    axis.tick_params(axis="x", labelrotation=45)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title(results.get("model", "") or "score per dim", fontsize=9)
+    figure.tight_layout()
+    plot_path = output_dir / "dims.png"
+    figure.savefig(plot_path, dpi=120)
+    plt.close(figure)
+    return json_path, plot_path
+
+
+# ---- models ---------------------------------------------------------------------------
+
+
+def embedder_encode_fn(embedder, batch_size: int = 32, show_progress: bool = False) -> EncodeFn:
+    def encode(texts: list[str], instruction: str | None) -> torch.Tensor:
+        return embedder.encode(texts, instruction, batch_size=batch_size, show_progress=show_progress)
+
+    return encode
+
+
+def sentence_transformer_encode_fn(path: str, batch_size: int = 32, show_progress: bool = False):
+    """An exported directory: instructions become the prompt tpembed's module expects."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(path, trust_remote_code=True)
+    config_path = Path(path) / "tpembed_st_config.json"
+    instruction_format = "{instruction}"
+    if config_path.is_file():
+        instruction_format = json.loads(config_path.read_text())["text_format"]["instruction_format"]
+
+    def encode(texts: list[str], instruction: str | None) -> torch.Tensor:
+        prompt = instruction_format.format(instruction=instruction) if instruction else None
+        return model.encode(
+            texts, prompt=prompt, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress
+        ).cpu()
+
+    return encode, model.get_embedding_dimension()
+
+
+def default_dims(embedding_dim: int, mrl_dims: list[int] | None) -> list[int]:
+    dims = [d for d in (mrl_dims or []) if d <= embedding_dim]
+    return dims or [embedding_dim]
+
+
+def _short_name(path: str) -> str:
+    """The last two components without suffix: ../shared/data/stsb_en/dev.jsonl -> stsb_en/dev."""
+    parts = Path(path).with_suffix("").parts
+    return "/".join(parts[-2:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", nargs="?", help="run/checkpoint/model directory, or an exported directory")
+    parser.add_argument("--base-model", help="evaluate a base LM without head (training-free)")
+    parser.add_argument(
+        "--template", default="prompteol", help="base model: instruction | prompteol | prompteol_original"
+    )
+    parser.add_argument(
+        "--tp-layers", default=None, help="Token Prepending layers (base model; override for a checkpoint)"
+    )
+    parser.add_argument("--pooling", default="last_token", help="base model: last_token | mean")
+    parser.add_argument(
+        "--no-placeholder", action="store_true", help="base model: render the template without placeholder"
+    )
+    parser.add_argument("--max-length", type=int, default=512, help="base model: max tokens")
+    parser.add_argument("--tasks", action="append", default=[], help="YAML task file (configs/eval/*.yaml)")
+    parser.add_argument("--sts", action="append", default=[], help="an STS JSONL file")
+    parser.add_argument("--retrieval", action="append", default=[], help="a BEIR directory")
+    parser.add_argument("--sts-instruction", default=DEFAULT_STS_INSTRUCTION)
+    parser.add_argument("--retrieval-instruction", default=DEFAULT_RETRIEVAL_INSTRUCTION)
+    parser.add_argument("--limit", type=int, help="only the first N pairs / queries of every task")
+    parser.add_argument("--dims", type=int, nargs="+", help="dims to evaluate (default: the model's Matryoshka dims)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--output-dir", help="where to write results.json and dims.png")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if bool(args.model) == bool(args.base_model):
+        parser.error("give either MODEL or --base-model")
+
+    try:
+        tasks = [task for path in args.tasks for task in load_eval_tasks(path)]
+    except ConfigError as error:
+        parser.error(str(error))
+    tasks += [
+        EvalTaskConfig(
+            name=Path(p).parent.name + "/" + Path(p).stem, type="sts", path=p, instruction=args.sts_instruction
+        )
+        for p in args.sts
+    ]
+    tasks += [
+        EvalTaskConfig(name=_short_name(p), type="retrieval", path=p, instruction=args.retrieval_instruction)
+        for p in args.retrieval
+    ]
+    if not tasks:
+        parser.error("no tasks: pass --tasks, --sts or --retrieval")
+    if args.limit:
+        for task in tasks:
+            task.limit = args.limit
+
+    from .embedder import Embedder
+
+    progress = not args.no_progress
+    if args.base_model:
+        embedder = Embedder.from_base_model(
+            args.base_model,
+            template=args.template,
+            tp_layers=args.tp_layers or "none",
+            pooling=args.pooling,
+            use_placeholder=not args.no_placeholder,
+            max_length=args.max_length,
+        )
+        encode, dims, name = (
+            embedder_encode_fn(embedder, args.batch_size, progress),
+            [embedder.embedding_dim],
+            args.base_model,
+        )
+    elif (Path(args.model) / "modules.json").is_file():
+        encode, dim = sentence_transformer_encode_fn(args.model, args.batch_size, progress)
+        spec_dims = [128, 256, 512, 768, 1024, 1280, 1536, 1792]
+        dims, name = default_dims(dim, spec_dims), args.model
+    else:
+        embedder = Embedder.from_checkpoint(args.model, tp_layers=args.tp_layers)
+        head_dims = embedder.encoder.spec.mrl_dims if embedder.encoder.head is not None else None
+        encode, dims, name = (
+            embedder_encode_fn(embedder, args.batch_size, progress),
+            default_dims(embedder.embedding_dim, head_dims),
+            args.model,
+        )
+    if args.dims:
+        dims = args.dims
+
+    results = {"model": name, **evaluate(encode, tasks, dims)}
+    print(format_table(results))
+    if args.output_dir:
+        json_path, plot_path = write_results(results, args.output_dir)
+        print(f"wrote {json_path} and {plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
