@@ -165,8 +165,12 @@ def read_dataset(
     score_range: tuple[float, float] | None = None,
     placeholder: str | None = None,
     report: ReadReport | None = None,
+    required_negatives: int = 0,
 ):
-    """Read and validate one dataset into RetrievalData, PairData or ClassificationData."""
+    """Read and validate one dataset into RetrievalData, PairData or ClassificationData.
+
+    `required_negatives` > 0 makes a retrieval record with fewer hard negatives an error
+    (the `error` hard-negative fallback)."""
     task = Task(task)
     report = report if report is not None else ReadReport()
     reader = _RecordReader(allow_empty_text, placeholder, report)
@@ -176,6 +180,13 @@ def read_dataset(
             query = reader.text(record, QUERY_FIELDS, location)
             positives = reader.text_list(record, POSITIVE_FIELDS, location, required=True)
             negatives = reader.text_list(record, NEGATIVE_FIELDS, location, required=False)
+            if len(negatives) < required_negatives:
+                raise DataError(
+                    location,
+                    "negs",
+                    f"{len(negatives)} hard negatives, {required_negatives} required "
+                    "(data.hard_negative_fallback: error; 'repeat' or 'random' fill the gap instead)",
+                )
             data.queries.append(query)
             data.positives.append(positives)
             data.negatives.append(negatives)

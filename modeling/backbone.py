@@ -74,6 +74,7 @@ def load_backbone(
     else:
         model = AutoModel.from_pretrained(
             name_or_path,
+            use_safetensors=True,  # weights only from safetensors: never unpickle a checkpoint
             dtype=torch_dtype,
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,

@@ -11,18 +11,16 @@ from conftest import REPO
 from data import Task
 from modeling import Encoder, read_encoder_spec
 from train import build
-from train.config import ConfigError, load_config
+from train.config import STAGE_DEFAULTS, ConfigError, load_config
 from train.embedder import Embedder
 
 STAGE2 = REPO / "configs" / "quickstart" / "stage2.yaml"
 
 
 def stage2_config(quickstart_stage1, output_dir, *flags):
-    from train.stage2 import STAGE2_DEFAULTS
-
     return load_config(
         ["--config", str(STAGE2), "--init-from", str(quickstart_stage1), "--output-dir", str(output_dir), *flags],
-        base=STAGE2_DEFAULTS,
+        base=STAGE_DEFAULTS[2],
     )
 
 

@@ -95,13 +95,7 @@ def build_text(config: Config, model_dir: Path | None = None) -> TextSetup:
 def build_encoder(config: Config, text: TextSetup, model_dir: Path | None = None) -> Encoder:
     """A fresh encoder (stage 1) or one continued from `model_dir` (stage 2, resume)."""
     model = config.model
-    num_layers = backbone_config(
-        str(model_dir) if model_dir else model.name_or_path, model.trust_remote_code
-    ).num_hidden_layers
-    try:
-        tp_layers = list(parse_tp_layers(config.tp.tp_layers, num_layers))
-    except ValueError as error:
-        raise ConfigError(f"tp.tp_layers: {error}") from None
+    tp_layers = check_tp_layers(config, model_dir)
     if model_dir is not None:
         encoder = Encoder.from_pretrained(
             model_dir,
@@ -141,6 +135,16 @@ def build_encoder(config: Config, text: TextSetup, model_dir: Path | None = None
     return encoder
 
 
+def check_tp_layers(config: Config, model_dir: Path | None = None) -> list[int]:
+    """The TP layer set, checked against the backbone's layer count (read from its config only)."""
+    source = str(model_dir) if model_dir else config.model.name_or_path
+    num_layers = backbone_config(source, config.model.trust_remote_code).num_hidden_layers
+    try:
+        return list(parse_tp_layers(config.tp.tp_layers, num_layers))
+    except ValueError as error:
+        raise ConfigError(f"tp.tp_layers (--tp-layers): {error}") from None
+
+
 def _fit_embeddings(encoder: Encoder, vocab_size: int) -> None:
     """Grow the embedding matrix when the tokenizer gained tokens beyond it."""
     embeddings = encoder.backbone.get_input_embeddings()
@@ -171,6 +175,7 @@ def build_datasets(config: Config, text_format: TextFormat) -> tuple[list[Datase
     specs = []
     for dataset in configs:
         name = dataset.name or Path(dataset.path).stem
+        k = config.data.num_hard_negatives if dataset.num_hard_negatives is None else dataset.num_hard_negatives
         data = read_dataset(
             dataset.path,
             dataset.task,
@@ -179,26 +184,39 @@ def build_datasets(config: Config, text_format: TextFormat) -> tuple[list[Datase
             score_range=tuple(dataset.score_range) if dataset.score_range else None,
             placeholder=text_format.placeholder,
             report=report,
+            required_negatives=k if config.data.hard_negative_fallback == "error" else 0,
         )
-        k = config.data.num_hard_negatives if dataset.num_hard_negatives is None else dataset.num_hard_negatives
         batch_size = dataset.batch_size or config.data.batch_size
         if len(data) < batch_size:
             raise ConfigError(
                 f"dataset {name} ({dataset.path}) has {len(data)} usable examples, fewer than its global batch "
                 f"size {batch_size}; lower the batch size or add data"
             )
-        if dataset.task is Task.retrieval and k > 0 and config.data.hard_negative_fallback == "error":
-            for i, negatives in enumerate(data.negatives):
-                if len(negatives) < k:
-                    raise ConfigError(
-                        f"{dataset.path}: record {i + 1} has {len(negatives)} hard negatives, {k} required "
-                        "(data.hard_negative_fallback: error)"
-                    )
         instruction = dataset.instruction
         if instruction is None and dataset.task is Task.retrieval:
             instruction = config.data.default_instruction
         specs.append(DatasetSpec(data=data, instruction=instruction, batch_size=batch_size, num_hard_negatives=k))
     return specs, report
+
+
+def check_lengths(config: Config, specs: list[DatasetSpec], text: TextSetup) -> None:
+    """Every instruction, with the template around it, must leave room for text within the max
+    lengths; found here at start-up rather than at the step that first draws the record."""
+    fmt = text.text_format
+    extra = int(fmt.append_eos) + int(fmt.prepend_bos)
+    for spec in specs:
+        instructions = {spec.instruction, *getattr(spec.data, "instructions", [])} - {None}
+        sides = [(instruction, config.data.query_max_len, "data.query_max_len") for instruction in instructions]
+        if spec.task is Task.retrieval:
+            sides.append((None, config.data.passage_max_len, "data.passage_max_len"))
+        for instruction, max_length, key in sides:
+            head, _, tail = fmt.pieces("x", instruction)
+            fixed = len(text.tokenizer(head + tail, add_special_tokens=False)["input_ids"]) + extra
+            if fixed >= max_length:
+                raise ConfigError(
+                    f"{key}: {max_length} tokens leave no room for text in dataset {spec.data.name}: the template "
+                    f"and instruction {instruction!r} alone take {fixed} tokens; raise {key} or shorten it"
+                )
 
 
 def build_sampler(config: Config, specs: list[DatasetSpec]) -> GroupedStepSampler:

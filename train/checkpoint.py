@@ -122,12 +122,21 @@ def save_checkpoint(
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints, and stale staging dirs."""
+    """Delete all but the newest `keep_last` complete checkpoints."""
     found = complete_checkpoints(run_dir)
     removed = [path for _, path in found[:-keep_last]] if keep_last > 0 else []
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+def remove_stale_staging(run_dir: str | Path) -> list[Path]:
+    """Delete staging directories left by saves that were killed."""
+    root = Path(run_dir) / CHECKPOINTS
+    stale = sorted(root.glob(".tmp-step-*")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def load_trainer_state(checkpoint: Path) -> dict:

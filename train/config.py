@@ -198,6 +198,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# What each stage changes by default (METHOD.md section 2); the entry scripts pass these.
+STAGE_DEFAULTS = {
+    1: {"train": {"stage": 1}},
+    2: {
+        "train": {"stage": 2, "output_dir": "runs/stage2", "max_steps": 8000},
+        "optim": {"learning_rate": 2e-5},
+        "data": {"template": "prompteol", "append_eos": False, "eta_ret": 0.72},
+        "tp": {"tp_layers": "1-7"},
+    },
+}
+
+
 # ---- type checking ------------------------------------------------------------------
 
 

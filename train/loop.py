@@ -26,10 +26,11 @@ from .checkpoint import (
     load_rng,
     load_trainer_state,
     prune_checkpoints,
+    remove_stale_staging,
     resolve_checkpoint,
     save_checkpoint,
 )
-from .config import Config, config_yaml, flatten, save_config, to_dict
+from .config import Config, ConfigError, config_yaml, flatten, save_config, to_dict
 from .embedder import Embedder, TextConfig
 from .eval import embedder_encode_fn, evaluate, flat_metrics, format_table, load_beir, load_sts
 
@@ -81,6 +82,7 @@ def train(config: Config) -> Path:
     text = build.build_text(config, model_dir)
     encoder = build.build_encoder(config, text, model_dir)
     specs, report = build.build_datasets(config, text.text_format)
+    build.check_lengths(config, specs, text)
     _log_data(specs, report, text)
     sampler = build.build_sampler(config, specs)
     batches = build.build_batches(config, specs, sampler, text, accelerator.num_processes, accelerator.process_index)
@@ -111,6 +113,10 @@ def train(config: Config) -> Path:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
+        remove_stale_staging(run_dir)
+        # the logs describe the run as continued: steps after the checkpoint are redone
+        for log in ("metrics.jsonl", "eval.jsonl"):
+            truncate_log(run_dir / log, start_step)
     accelerator.init_trackers(
         config.logging.project,
         config={k: str(v) if isinstance(v, (list, type(None))) else v for k, v in flatten(to_dict(config)).items()},
@@ -191,6 +197,7 @@ def train(config: Config) -> Path:
     encoder.train()
     for step in range(start_step, max_steps):
         step_start = time.perf_counter()
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step's update uses
         sums = None
         tokens = examples = 0
         grad_norm = torch.tensor(float("nan"))
@@ -205,7 +212,8 @@ def train(config: Config) -> Path:
                     grad_norm = accelerator.clip_grad_norm_(
                         encoder.parameters(), config.optim.max_grad_norm or float("inf")
                     )
-                    if torch.isfinite(torch.as_tensor(grad_norm)).item():
+                    # fp16's grad scaler skips non-finite steps itself and must see every step
+                    if torch.isfinite(torch.as_tensor(grad_norm)).item() or accelerator.scaler is not None:
                         optimizer.step()
                 optimizer.zero_grad()
             values = torch.stack([loss.detach().float()] + [v.float() for v in per_dim.values()])
@@ -247,7 +255,7 @@ def train(config: Config) -> Path:
             "dataset": dataset,
             "loss": loss_value,
             **{f"loss_dim_{dim}": float(v) for dim, v in zip(per_dim, means[1:])},
-            "lr": scheduler.get_last_lr()[0],
+            "lr": learning_rate,
             "grad_norm": grad_norm,
         }
         log_now = done % config.logging.log_every == 0 or done == max_steps
@@ -263,7 +271,8 @@ def train(config: Config) -> Path:
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", data=dataset)
         if config.eval.eval_every and (done % config.eval.eval_every == 0 or done == max_steps):
             dev_evaluation(done)
-        if done % config.train.save_every == 0 or done == max_steps:
+        # a skipped step leaves the weights as they were; the next good step saves
+        if (done % config.train.save_every == 0 and not consecutive_nonfinite) or done == max_steps:
             checkpoint(done)
 
     progress.close()
@@ -314,6 +323,16 @@ def _load_dev_sets(config: Config) -> list:
     return loaded
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the lines of a JSONL step log after `step` (atomically)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    staging = path.with_suffix(".tmp")
+    staging.write_text("".join(line + "\n" for line in kept))
+    os.replace(staging, path)
+
+
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -322,6 +341,12 @@ def _peak_memory_mb() -> float:
 
 def _resume_checkpoint(config: Config, run_dir: Path) -> Path | None:
     if not config.train.resume_from:
+        existing = latest_checkpoint(run_dir)
+        if existing is not None:
+            raise ConfigError(
+                f"train.output_dir: {run_dir} already holds checkpoints (newest {existing.name}); pass "
+                "--resume-from auto to continue that run, or choose another --output-dir"
+            )
         return None
     if config.train.resume_from == "auto":
         found = latest_checkpoint(run_dir)

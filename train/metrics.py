@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import spearmanr
 
 
 def spearman(predicted, gold) -> float:
     """Spearman rank correlation x100."""
+    from scipy.stats import spearmanr  # scipy.stats takes a second to import; only evaluation needs it
+
     return float(spearmanr(np.asarray(predicted), np.asarray(gold)).statistic) * 100
 
 

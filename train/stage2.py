@@ -18,21 +18,19 @@ from pathlib import Path
 if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # train/ would shadow packages named like its modules
 
-from train.config import load_config  # noqa: E402
-from train.loop import train  # noqa: E402
-
-# METHOD.md section 2: what stage 2 changes by default
-STAGE2_DEFAULTS = {
-    "train": {"stage": 2, "output_dir": "runs/stage2", "max_steps": 8000},
-    "optim": {"learning_rate": 2e-5},
-    "data": {"template": "prompteol", "append_eos": False, "eta_ret": 0.72},
-    "tp": {"tp_layers": "1-7"},
-}
+from data import DataError  # noqa: E402
+from train.config import STAGE_DEFAULTS, ConfigError, load_config  # noqa: E402
+from train.loop import NonFiniteError, train  # noqa: E402
 
 
 def main(argv=None):
-    config = load_config(argv, base=STAGE2_DEFAULTS, description=__doc__)
-    train(config)
+    try:
+        config = load_config(argv, base=STAGE_DEFAULTS[2], description=__doc__)
+        train(config)
+    except (ConfigError, DataError) as error:  # bad input: the message names file, line and field
+        sys.exit(f"error: {error}")
+    except NonFiniteError as error:
+        sys.exit(f"stopped: {error}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""Kill a run with SIGKILL anywhere, resume it, and get exactly the uninterrupted losses."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, subprocess_env
+from train.checkpoint import complete_checkpoints, latest_checkpoint
+
+STAGE1 = REPO / "configs/quickstart/stage1.yaml"
+STAGE2 = REPO / "configs/quickstart/stage2.yaml"
+# small and short, with a schedule that changes every step (warm-up 2, linear decay to step 10)
+COMMON = ["--max-steps", "10", "--save-every", "3", "--warmup-steps", "2", "--batch-size", "8",
+          "--query-max-len", "32", "--passage-max-len", "48", "--report-to", "none", "--progress-bar", "false",
+          "--keep-last", "2"]  # fmt: skip
+
+
+def command(script, config, run_dir, processes, *flags):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    if processes > 1:
+        launcher += ["--multi_gpu", "--main_process_port", str(29600 + os.getpid() % 300)]
+    return [*launcher, str(REPO / "train" / script), "--config", str(config), "--output-dir", str(run_dir),
+            *COMMON, *flags]  # fmt: skip
+
+
+def run(cmd):
+    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+
+
+def run_until_killed(cmd, condition, timeout=300):
+    """Start `cmd` in its own process group and SIGKILL the whole group once `condition()` holds."""
+    process = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.time() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before the kill point: {process.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError("kill point never reached")
+        time.sleep(0.002)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+
+
+def logged_steps(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def staging_of(run_dir, step):
+    return run_dir / "checkpoints" / f".tmp-step-{step:08d}"
+
+
+def assert_same_losses(resumed, reference):
+    assert [r["step"] for r in resumed] == list(range(1, 11))
+    for a, b in zip(resumed, reference):
+        assert (a["step"], a["dataset"], a["lr"]) == (b["step"], b["dataset"], b["lr"])
+        assert a["loss"] == b["loss"], (a["step"], a["loss"], b["loss"])  # fp32 on CPU: identical
+
+
+def kill_during_a_save(cmd, run_dir):
+    """Kill while a checkpoint is being written; retries at later saves if one completes first."""
+    for step in (6, 9):
+        run_until_killed(cmd, lambda: staging_of(run_dir, step).exists() or latest_checkpoint_step(run_dir) >= step)
+        if staging_of(run_dir, step).exists() and latest_checkpoint_step(run_dir) < step:
+            return step
+        cmd = cmd + ["--resume-from", "auto"] if "--resume-from" not in cmd else cmd
+    pytest.fail("never caught a save in progress")
+
+
+def latest_checkpoint_step(run_dir):
+    found = complete_checkpoints(run_dir)
+    return found[-1][0] if found else 0
+
+
+@pytest.mark.parametrize("script, config, processes", [("stage1.py", STAGE1, 1), ("stage1.py", STAGE1, 2)])
+def test_kill_anywhere_and_resume(tmp_path, script, config, processes):
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    run(command(script, config, reference_dir, processes))
+    reference = logged_steps(reference_dir)
+
+    cmd = command(script, config, run_dir, processes)
+    # 1) SIGKILL in the middle of writing a checkpoint: the previous one stays complete
+    killed_at = kill_during_a_save(cmd, run_dir)
+    assert not (run_dir / "checkpoints" / f"step-{killed_at:08d}").exists()
+    assert latest_checkpoint(run_dir).name == f"step-{killed_at - 3:08d}"
+    # 2) resume, then SIGKILL between steps, after the next checkpoint
+    resume = cmd + ["--resume-from", "auto"]
+    run_until_killed(resume, lambda: latest_checkpoint_step(run_dir) >= killed_at and len(logged_steps(run_dir)) >= 8)
+    # 3) resume to the end
+    run(resume)
+    assert_same_losses(logged_steps(run_dir), reference)
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")), "stale staging directories are removed"
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [9, 10], "keep_last=2"
+
+    if processes == 1:
+        # resuming with another process count keeps the data order (the sampler ignores it)
+        other = tmp_path / "other"
+        shutil.copytree(reference_dir, other)
+        for path in (other / "checkpoints").iterdir():
+            if path.name != "step-00000006":
+                shutil.rmtree(path)
+        run(command(script, config, other, 2, "--resume-from", "auto"))
+        for a, b in zip(logged_steps(other)[6:], reference[6:]):
+            assert (a["step"], a["dataset"], a["lr"]) == (b["step"], b["dataset"], b["lr"])
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_stage2_kill_and_resume(tmp_path, quickstart_stage1):
+    flags = ["--init-from", str(quickstart_stage1), "--query-max-len", "64"]
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    run(command("stage2.py", STAGE2, reference_dir, 1, *flags))
+    cmd = command("stage2.py", STAGE2, run_dir, 1, *flags)
+    run_until_killed(cmd, lambda: latest_checkpoint_step(run_dir) >= 3 and len(logged_steps(run_dir)) >= 5)
+    run(cmd + ["--resume-from", "auto"])
+    assert_same_losses(logged_steps(run_dir), logged_steps(reference_dir))
+    tasks = {r["task"] for r in logged_steps(run_dir)}
+    assert len(tasks) >= 2, f"the check should cover more than one task type, saw {tasks}"
