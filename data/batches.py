@@ -114,9 +114,9 @@ class BatchBuilder:
         else:
             batch = self._sts(spec, indices)
         batch.update(step=step, dataset=spec.data.name, num_examples=len(indices))
-        batch["num_tokens"] = int(
-            batch["anchors"]["attention_mask"].sum() + batch["candidates"]["attention_mask"].sum()
-        )
+        lengths = torch.cat([batch[side]["attention_mask"].sum(dim=1) for side in ("anchors", "candidates")])
+        batch["num_tokens"] = int(lengths.sum())  # real tokens, padding excluded
+        batch["squared_lengths"] = int((lengths**2).sum())  # for the attention FLOPs
         return batch
 
     # ---- per task ------------------------------------------------------------------

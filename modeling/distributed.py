@@ -69,3 +69,13 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
 def local_offset(local_size: int) -> int:
     """Index of this rank's first row in a gathered tensor."""
     return rank() * local_size
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when `tensor` is finite on every rank (every rank gets the same answer)."""
+    flag = torch.isfinite(tensor.detach()).all().to(torch.float32).reshape(1)
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)

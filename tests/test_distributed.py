@@ -48,28 +48,17 @@ def run(command, cwd):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("mode", ["plain", "gradcache"])
+def test_two_processes_match_one(tmp_path, mode):
+    """mode gradcache: two processes with GradCache against one process without it."""
     config = write_config(tmp_path / "config.yaml")
     single, double = tmp_path / "single", tmp_path / "double"
     single.mkdir()
     double.mkdir()
     run([sys.executable, str(WORKER), str(config), str(single)], REPO)
-    run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            "29531",
-            str(WORKER),
-            str(config),
-            str(double),
-        ],
-        REPO,
-    )
+    port = "29531" if mode == "plain" else "29532"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    run([*launch, "--main_process_port", port, str(WORKER), str(config), str(double), mode], REPO)
     for task in ("retrieval", "sts", "classification"):
         reference = load_file(str(single / f"{task}.safetensors"))
         gathered = load_file(str(double / f"{task}.safetensors"))

@@ -268,7 +268,9 @@ def build_optimizer(config: Config, encoder: torch.nn.Module) -> torch.optim.Opt
     decay, no_decay = [], []
     for parameter in encoder.parameters():
         if parameter.requires_grad:
-            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+            # a parameter built under DeepSpeed ZeRO-3's zero.Init is a flat partition: use its real shape
+            ndim = len(getattr(parameter, "ds_shape", parameter.shape))
+            (no_decay if ndim < 2 else decay).append(parameter)
     optim = config.optim
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

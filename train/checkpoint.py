@@ -9,6 +9,7 @@
           config.yaml             the resolved config
           trainer_state.json      step, sampler position, counters
           optimizer.pt            optimizer + scheduler state (tensors only)
+          deepspeed/              under DeepSpeed: the engine's partitioned optimizer state
           rng/rank-00000.pt       each process's RNG states
           COMPLETE                written last; a directory without it is ignored
 
@@ -35,6 +36,7 @@ import torch
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 MODEL_DIR = "model"
+DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own (partitioned) optimizer state, when training under it
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -85,6 +87,7 @@ def save_checkpoint(
     scheduler,
     trainer_state: dict,
     config_yaml: str,
+    deepspeed_engine=None,
 ) -> Path:
     """Write checkpoint `step` atomically; every process must call this.
 
@@ -105,8 +108,11 @@ def save_checkpoint(
 
     write_model(staging / MODEL_DIR)
     torch.save(rng_state(), staging / "rng" / f"rank-{accelerator.process_index:05d}.pt")
+    if deepspeed_engine is not None:  # every rank writes its partition
+        deepspeed_engine.save_checkpoint(str(staging / DEEPSPEED_DIR), tag="state", save_latest=False)
     if accelerator.is_main_process:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / "optimizer.pt")
+        optimizer_state = None if deepspeed_engine is not None else optimizer.state_dict()
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, staging / "optimizer.pt")
         (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
         (staging / "config.yaml").write_text(config_yaml)
     accelerator.wait_for_everyone()

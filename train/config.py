@@ -154,6 +154,13 @@ class TrainConfig:
         "consecutive steps with a non-finite loss or gradient norm that are skipped before the run stops", 5
     )
     cpu: bool = _help("run on CPU even when a GPU is present", False)
+    grad_cache: bool = _help(
+        "GradCache: embed without graph in mini-batches, then backpropagate the full-batch loss's gradient "
+        "mini-batch by mini-batch (big batches in little memory, same gradients)",
+        False,
+    )
+    grad_cache_rows: int | None = _help("GradCache mini-batch: texts per forward (default 32 without a budget)", None)
+    grad_cache_tokens: int | None = _help("GradCache mini-batch: token budget (rows x padded length) per forward", None)
 
 
 @dataclass
@@ -164,6 +171,9 @@ class LoggingConfig:
     run_name: str | None = _help("tracker run name; default: the output directory's name", None)
     wandb_mode: Literal["offline", "online", "disabled"] = _help("wandb mode; offline never prompts", "offline")
     progress_bar: bool = _help("show a progress bar on the main process", True)
+    peak_tflops: float | None = _help(
+        "peak dense TFLOP/s of one device for the MFU estimate; default: a table of known GPUs (none on CPU)", None
+    )
 
 
 @dataclass

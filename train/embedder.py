@@ -76,12 +76,24 @@ class Embedder:
         return self.encoder.embedding_dim
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, device=None, dtype: str = "float32", tp_layers=None) -> Embedder:
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        device=None,
+        dtype: str = "float32",
+        tp_layers=None,
+        query_max_len: int | None = None,
+        passage_max_len: int | None = None,
+    ) -> Embedder:
         """Load a trained model (run directory, checkpoint or model directory).
 
-        `tp_layers` overrides the stored Token Prepending layers (for ablations)."""
+        `tp_layers` overrides the stored Token Prepending layers (for ablations); the max
+        lengths override the training ones (inference may read longer documents)."""
         directory = model_directory(path)
         text = TextConfig.load(directory)
+        text.query_max_len = query_max_len or text.query_max_len
+        text.passage_max_len = passage_max_len or text.passage_max_len
         tokenizer = load_tokenizer(str(directory), padding_side="left")
         encoder = Encoder.from_pretrained(directory, dtype=dtype, tp_layers=tp_layers)
         if encoder.token_prepending is not None and text.text_format.placeholder is None:

@@ -233,12 +233,16 @@ def main(argv: list[str] | None = None) -> int:
         "--no-placeholder", action="store_true", help="base model: render the template without placeholder"
     )
     parser.add_argument("--max-length", type=int, default=512, help="base model: max tokens")
+    parser.add_argument("--placeholder", help="base model: the placeholder token (added when missing)")
+    parser.add_argument("--query-max-len", type=int, help="checkpoint: max query tokens (default: training's)")
+    parser.add_argument("--passage-max-len", type=int, help="checkpoint: max document tokens (default: training's)")
     parser.add_argument("--tasks", action="append", default=[], help="YAML task file (configs/eval/*.yaml)")
     parser.add_argument("--sts", action="append", default=[], help="an STS JSONL file")
     parser.add_argument("--retrieval", action="append", default=[], help="a BEIR directory")
     parser.add_argument("--sts-instruction", default=DEFAULT_STS_INSTRUCTION)
     parser.add_argument("--retrieval-instruction", default=DEFAULT_RETRIEVAL_INSTRUCTION)
     parser.add_argument("--limit", type=int, help="only the first N pairs / queries of every task")
+    parser.add_argument("--no-instructions", action="store_true", help="encode every text without instruction")
     parser.add_argument("--dims", type=int, nargs="+", help="dims to evaluate (default: the model's Matryoshka dims)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output-dir", help="where to write results.json and dims.png")
@@ -263,9 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if not tasks:
         parser.error("no tasks: pass --tasks, --sts or --retrieval")
-    if args.limit:
-        for task in tasks:
+    for task in tasks:
+        if args.limit:
             task.limit = args.limit
+        if args.no_instructions:
+            task.instruction = None
 
     from .embedder import Embedder
 
@@ -277,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             tp_layers=args.tp_layers or "none",
             pooling=args.pooling,
             use_placeholder=not args.no_placeholder,
+            placeholder=args.placeholder,
             max_length=args.max_length,
         )
         encode, dims, name = (
@@ -289,7 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         spec_dims = [128, 256, 512, 768, 1024, 1280, 1536, 1792]
         dims, name = default_dims(dim, spec_dims), args.model
     else:
-        embedder = Embedder.from_checkpoint(args.model, tp_layers=args.tp_layers)
+        embedder = Embedder.from_checkpoint(
+            args.model,
+            tp_layers=args.tp_layers,
+            query_max_len=args.query_max_len,
+            passage_max_len=args.passage_max_len,
+        )
         head_dims = embedder.encoder.spec.mrl_dims if embedder.encoder.head is not None else None
         encode, dims, name = (
             embedder_encode_fn(embedder, args.batch_size, progress),

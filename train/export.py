@@ -68,6 +68,8 @@ def export(
     prompts: dict[str, str] | None = None,
     eval_results: str | Path | None = None,
     overwrite: bool = False,
+    query_max_len: int | None = None,
+    passage_max_len: int | None = None,
 ) -> ExportReport:
     """Write the sentence-transformers directory, check parity, then move it into place."""
     out_dir = Path(out_dir)
@@ -77,7 +79,9 @@ def export(
     run_config = _run_config(model_dir)
     if query_instruction is None:
         query_instruction = _default_instruction(run_config)
-    embedder = Embedder.from_checkpoint(model_dir, device="cpu")
+    embedder = Embedder.from_checkpoint(
+        model_dir, device="cpu", query_max_len=query_max_len, passage_max_len=passage_max_len
+    )
     text_format = embedder.text.text_format
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -340,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--eval-results", help="results.json from `python -m train.eval` for the model card")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--query-max-len", type=int, help="max query tokens (default: training's)")
+    parser.add_argument("--passage-max-len", type=int, help="max document tokens (default: training's)")
     args = parser.parse_args(argv)
     prompts = {}
     for item in args.prompt:
@@ -355,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             prompts=prompts,
             eval_results=args.eval_results,
             overwrite=args.overwrite,
+            query_max_len=args.query_max_len,
+            passage_max_len=args.passage_max_len,
         )
     except (ExportError, FileNotFoundError, ValueError) as error:
         print(f"export failed: {error}", file=sys.stderr)

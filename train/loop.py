@@ -9,17 +9,20 @@ import math
 import os
 import resource
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from data import StepMicroBatches
+from modeling.distributed import all_finite
 
 from . import build
 from .checkpoint import (
+    DEEPSPEED_DIR,
     MODEL_DIR,
     latest_checkpoint,
     load_optimizer_state,
@@ -33,6 +36,8 @@ from .checkpoint import (
 from .config import Config, ConfigError, config_yaml, flatten, save_config, to_dict
 from .embedder import Embedder, TextConfig
 from .eval import embedder_encode_fn, evaluate, flat_metrics, format_table, load_beir, load_sts
+from .gradcache import cached_micro_step
+from .telemetry import FlopCounter
 
 logger = logging.getLogger("tpembed")
 
@@ -55,9 +60,9 @@ def build_accelerator(config: Config) -> Accelerator:
         os.environ.setdefault("WANDB_SILENT", "true")
     output_dir = Path(config.train.output_dir)
     return Accelerator(
-        cpu=not use_cuda,
+        # DeepSpeed picks its device itself (accelerate ignores it when cpu=True)
+        cpu=not use_cuda and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true",
         mixed_precision=mixed_precision,
-        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         kwargs_handlers=handlers,
@@ -89,13 +94,19 @@ def train(config: Config) -> Path:
     objective = build.build_objective(config)
     optimizer = build.build_optimizer(config, encoder)
     scheduler = build.build_scheduler(config, optimizer)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        _configure_deepspeed(accelerator, config, specs, encoder)
     encoder, optimizer = accelerator.prepare(encoder, optimizer)
 
     start_step = 0
     if resume:
         state = load_trainer_state(resume)
         optimizer_state = load_optimizer_state(resume)
-        optimizer.load_state_dict(optimizer_state["optimizer"])
+        if deepspeed:  # the engine's own (partitioned) optimizer state, read by DeepSpeed
+            encoder.load_checkpoint(str(resume / DEEPSPEED_DIR), tag="state", load_lr_scheduler_states=False)
+        else:
+            optimizer.load_state_dict(optimizer_state["optimizer"])
         scheduler.load_state_dict(optimizer_state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         if state["num_processes"] != accelerator.num_processes:
@@ -146,6 +157,7 @@ def train(config: Config) -> Path:
             scheduler=scheduler,
             trainer_state=trainer_state,
             config_yaml=config_yaml(config),
+            deepspeed_engine=encoder if deepspeed else None,
         )
         if accelerator.is_main_process:
             prune_checkpoints(run_dir, config.train.keep_last)
@@ -182,6 +194,29 @@ def train(config: Config) -> Path:
         persistent_workers=False,
     )
     micro_batches = iter(loader)
+    device = accelerator.device
+    grad_cache_rows = config.train.grad_cache_rows or (None if config.train.grad_cache_tokens else 32)
+    flops = FlopCounter(accelerator.unwrap_model(encoder).backbone.config, config.logging.peak_tflops, device)
+
+    def update(contributed: int) -> float:
+        """Clip and apply the accumulated gradients; returns the gradient norm (NaN: skipped)."""
+        if deepspeed:
+            # DeepSpeed owns clipping; a micro-batch with a non-finite loss was left out of the
+            # update, and a step where every micro-batch was is skipped
+            if not contributed:
+                return float("nan")
+            encoder.step()
+            norm = encoder.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        norm = float(accelerator.clip_grad_norm_(encoder.parameters(), config.optim.max_grad_norm or float("inf")))
+        # fp16's grad scaler skips non-finite steps itself and must see every step
+        if contributed == accumulation and (math.isfinite(norm) or accelerator.scaler is not None):
+            optimizer.step()
+        else:
+            norm = float("nan")
+        optimizer.zero_grad()
+        return norm
+
     progress = tqdm(
         total=max_steps,
         initial=start_step,
@@ -190,7 +225,6 @@ def train(config: Config) -> Path:
         dynamic_ncols=True,
     )
     metrics_file = run_dir / "metrics.jsonl"
-    device = accelerator.device
     consecutive_nonfinite = 0
     window = _Window()
 
@@ -200,29 +234,44 @@ def train(config: Config) -> Path:
         learning_rate = scheduler.get_last_lr()[0]  # the rate this step's update uses
         sums = None
         tokens = examples = 0
-        grad_norm = torch.tensor(float("nan"))
         task = dataset = None
-        for _ in range(accumulation):
+        squared_lengths = 0
+        contributed = 0  # micro-batches whose gradients went into this step
+        for micro in range(accumulation):
             batch = next(micro_batches)
             task, dataset = batch["task"], batch["dataset"]
-            with accelerator.accumulate(encoder):
+            last_micro = micro == accumulation - 1
+
+            def backward(piece: torch.Tensor, last_piece: bool) -> None:
+                piece = piece / accumulation
+                if deepspeed:  # unmanaged accumulation: the engine reduces at step()
+                    encoder.backward(piece, scale_wrt_gas=False)
+                    return
+                with nullcontext() if last_micro and last_piece else accelerator.no_sync(encoder):
+                    accelerator.backward(piece)
+
+            if config.train.grad_cache:
+                loss, per_dim, produced = cached_micro_step(
+                    encoder, objective, batch, device, backward,
+                    max_rows=grad_cache_rows, token_budget=config.train.grad_cache_tokens,
+                    padding_side=config.model.padding_side,
+                )  # fmt: skip
+            else:
                 loss, per_dim = micro_step_loss(encoder, objective, batch, device)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(
-                        encoder.parameters(), config.optim.max_grad_norm or float("inf")
-                    )
-                    # fp16's grad scaler skips non-finite steps itself and must see every step
-                    if torch.isfinite(torch.as_tensor(grad_norm)).item() or accelerator.scaler is not None:
-                        optimizer.step()
-                optimizer.zero_grad()
+                produced = all_finite(loss)
+                if produced:
+                    backward(loss, True)
+            contributed += produced
             values = torch.stack([loss.detach().float()] + [v.float() for v in per_dim.values()])
             sums = values if sums is None else sums + values
             tokens += batch["num_tokens"]
             examples += batch["num_examples"]
-        counts = accelerator.reduce(torch.tensor([tokens, examples], device=device, dtype=torch.float64), "sum")
+            squared_lengths += batch["squared_lengths"]
+        grad_norm = update(contributed)
+        counts = accelerator.reduce(
+            torch.tensor([tokens, examples, squared_lengths], device=device, dtype=torch.float64), "sum"
+        )
         means = accelerator.reduce(sums.to(device) / accumulation, "mean")
-        grad_norm = float(torch.as_tensor(grad_norm).float())
         loss_value = float(means[0])
 
         if math.isfinite(grad_norm) and math.isfinite(loss_value):
@@ -248,7 +297,7 @@ def train(config: Config) -> Path:
 
         done = step + 1
         elapsed = time.perf_counter() - step_start
-        window.add(elapsed, float(counts[1]), float(counts[0]))
+        window.add(elapsed, float(counts[1]), float(counts[0]), flops.step(float(counts[0]), float(counts[2])))
         record = {
             "step": done,
             "task": task,
@@ -260,7 +309,7 @@ def train(config: Config) -> Path:
         }
         log_now = done % config.logging.log_every == 0 or done == max_steps
         if log_now:
-            record.update(window.rates(), peak_memory_mb=_peak_memory_mb())
+            record.update(window.rates(flops.peak, accelerator.num_processes), peak_memory_mb=_peak_memory_mb())
             window = _Window()
         if accelerator.is_main_process:
             with metrics_file.open("a") as handle:
@@ -302,16 +351,24 @@ class _Window:
     """Throughput over the steps since the last log."""
 
     def __init__(self):
-        self.seconds = self.examples = self.tokens = 0.0
+        self.seconds = self.examples = self.tokens = self.flops = 0.0
 
-    def add(self, seconds: float, examples: float, tokens: float) -> None:
+    def add(self, seconds: float, examples: float, tokens: float, flops: float) -> None:
         self.seconds += seconds
         self.examples += examples
         self.tokens += tokens
+        self.flops += flops
 
-    def rates(self) -> dict:
+    def rates(self, peak_tflops: float | None, num_devices: int) -> dict:
         seconds = max(self.seconds, 1e-9)
-        return {"samples_per_s": self.examples / seconds, "tokens_per_s": self.tokens / seconds}
+        rates = {
+            "samples_per_s": self.examples / seconds,
+            "tokens_per_s": self.tokens / seconds,  # real tokens: padding excluded
+            "tflops_per_device": self.flops / seconds / num_devices / 1e12,
+        }
+        if peak_tflops:
+            rates["mfu"] = rates["tflops_per_device"] / peak_tflops
+        return rates
 
 
 def _load_dev_sets(config: Config) -> list:
@@ -337,6 +394,31 @@ def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _configure_deepspeed(accelerator, config: Config, specs, encoder) -> None:
+    """Fill the DeepSpeed config for the loop's own accumulation: every backward accumulates
+    (GradCache pieces and micro-batches alike) and `engine.step()` is the boundary."""
+    values = accelerator.state.deepspeed_plugin.deepspeed_config
+    per_device = max(
+        1, min(s.batch_size for s in specs) // (accelerator.num_processes * config.train.gradient_accumulation_steps)
+    )
+    values["train_micro_batch_size_per_gpu"] = per_device
+    values["train_batch_size"] = per_device * accelerator.num_processes
+    values["gradient_accumulation_steps"] = 1
+    values["managed_gradient_accumulation"] = False
+    if values.get("gradient_clipping", "auto") == "auto":
+        values["gradient_clipping"] = config.optim.max_grad_norm
+    # the sizes accelerate derives from a Hugging Face model's config (ours is composed)
+    hidden = accelerator.unwrap_model(encoder).backbone.config.hidden_size
+    zero = values.get("zero_optimization", {})
+    for key, value in (
+        ("reduce_bucket_size", hidden * hidden),
+        ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+        ("stage3_param_persistence_threshold", 10 * hidden),
+    ):
+        if zero.get(key) == "auto":
+            zero[key] = value
 
 
 def _resume_checkpoint(config: Config, run_dir: Path) -> Path | None:

@@ -3,8 +3,10 @@
 Run with N processes (accelerate launch / torchrun); with N == 1 it gives the
 single-process reference. Writes OUT/<task>.safetensors with every parameter's
 gradient (after the data-parallel average) and the loss averaged over ranks.
+A third argument "gradcache" computes them with GradCache (mini-batches of 3 texts).
 """
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -13,10 +15,11 @@ from safetensors.torch import save_file
 
 from train import build
 from train.config import load_config
+from train.gradcache import cached_micro_step
 from train.loop import build_accelerator, micro_step_loss
 
 
-def main(config_path: str, out_dir: str) -> None:
+def main(config_path: str, out_dir: str, mode: str = "plain") -> None:
     torch.set_flush_denormal(True)
     config = load_config(["--config", config_path])
     accelerator = build_accelerator(config)
@@ -35,8 +38,16 @@ def main(config_path: str, out_dir: str) -> None:
             continue
         done.add(batch["task"])
         model.zero_grad(set_to_none=True)
-        loss, _ = micro_step_loss(model, objective, batch, accelerator.device)
-        accelerator.backward(loss)
+        if mode == "gradcache":
+
+            def backward(piece, last):
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    accelerator.backward(piece)
+
+            loss, _, _ = cached_micro_step(model, objective, batch, accelerator.device, backward, max_rows=3)
+        else:
+            loss, _ = micro_step_loss(model, objective, batch, accelerator.device)
+            accelerator.backward(loss)
         mean_loss = accelerator.reduce(loss.detach(), "mean")
         if accelerator.is_main_process:
             grads = {
@@ -52,4 +63,4 @@ def main(config_path: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

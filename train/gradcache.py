@@ -1,0 +1,120 @@
+"""GradCache: contrastive batches larger than memory, with the same loss and gradients.
+
+Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+Limited Setup" (arXiv 2101.06983). A micro-batch is embedded in mini-batches
+without a graph; the full-batch loss (every negative, gathered across ranks,
+under Matryoshka, any task) and its gradient with respect to the embeddings are
+computed once; then each mini-batch is embedded again with a graph and the
+cached gradient is backpropagated through it. The parameter gradient equals
+that of one pass over the whole batch (tested), at the memory of one mini-batch
+and the compute of one extra forward. RNG states are replayed so dropout masks
+match between the two forwards.
+
+Mini-batches are a fixed number of texts, or as many texts as fit a token budget
+(rows x padded length).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+from modeling.distributed import all_finite
+
+META_KEYS = ("scores", "anchor_labels", "candidate_labels", "candidate_text_ids")
+
+
+def split_rows(attention_mask: torch.Tensor, max_rows: int | None, token_budget: int | None) -> list[range]:
+    """Contiguous row ranges: at most `max_rows` rows, or rows x longest length <= `token_budget`."""
+    lengths = attention_mask.sum(dim=1).tolist()
+    chunks, start, longest = [], 0, 0
+    for row, length in enumerate(lengths):
+        rows, longest_with = row - start + 1, max(longest, length)
+        too_many = max_rows is not None and rows > max_rows
+        too_large = token_budget is not None and rows * longest_with > token_budget
+        if row > start and (too_many or too_large):
+            chunks.append(range(start, row))
+            start, longest = row, length
+        else:
+            longest = longest_with
+    chunks.append(range(start, len(lengths)))
+    return chunks
+
+
+def take_rows(batch: dict[str, torch.Tensor], rows: range, padding_side: str) -> dict[str, torch.Tensor]:
+    """Rows of a token batch, trimmed of the columns that are padding in all of them."""
+    mask = batch["attention_mask"][rows.start : rows.stop]
+    length = int(mask.sum(dim=1).max())
+    width = mask.shape[1]
+    columns = slice(width - length, width) if padding_side == "left" else slice(0, length)
+    shift = columns.start
+    part = {"input_ids": batch["input_ids"][rows.start : rows.stop, columns], "attention_mask": mask[:, columns]}
+    for key in ("last_token_positions", "placeholder_positions"):
+        if key in batch:
+            part[key] = batch[key][rows.start : rows.stop] - shift
+    return part
+
+
+@contextmanager
+def replayed_rng(state: tuple):
+    """Run with the RNG state captured by `rng_state`, leaving the outer state untouched."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1])
+        yield
+
+
+def rng_state() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def cached_micro_step(
+    encoder,
+    objective,
+    batch: dict,
+    device,
+    backward: Callable[[torch.Tensor, bool], None],
+    *,
+    max_rows: int | None = None,
+    token_budget: int | None = None,
+    padding_side: str = "left",
+) -> tuple[torch.Tensor, dict, bool]:
+    """Loss of a micro-batch with GradCache; `backward(piece, is_last_piece)` backpropagates.
+
+    Returns (loss, per-dim losses, whether gradients were produced). A non-finite
+    loss on any rank skips the backward passes on every rank.
+    """
+    pieces = []  # (side, token batch, rng state)
+    embedded = {}
+    with torch.no_grad():
+        for side in ("anchors", "candidates"):
+            outputs = []
+            for rows in split_rows(batch[side]["attention_mask"], max_rows, token_budget):
+                part = {k: v.to(device) for k, v in take_rows(batch[side], rows, padding_side).items()}
+                state = rng_state()
+                pieces.append((side, part, state))
+                outputs.append(encoder(**part))
+            embedded[side] = torch.cat(outputs).float()
+
+    anchors = embedded["anchors"].detach().requires_grad_(True)
+    candidates = embedded["candidates"].detach().requires_grad_(True)
+    metadata = {key: batch[key].to(device) for key in META_KEYS if key in batch}
+    loss, per_dim = objective(batch["task"], anchors, candidates, **metadata)
+    if not all_finite(loss):
+        return loss.detach(), per_dim, False
+    loss.backward()  # d loss / d embeddings; the gather collectives run here, on every rank
+    cached = {"anchors": anchors.grad, "candidates": candidates.grad}
+
+    offsets = {"anchors": 0, "candidates": 0}
+    for index, (side, part, state) in enumerate(pieces):
+        rows = part["input_ids"].shape[0]
+        gradient = cached[side][offsets[side] : offsets[side] + rows]
+        offsets[side] += rows
+        with replayed_rng(state):
+            embedding = encoder(**part)
+        backward((embedding.float() * gradient).sum(), index == len(pieces) - 1)
+    return loss.detach(), per_dim, True
