@@ -74,6 +74,7 @@ class BatchBuilder:
         accumulation_steps: int = 1,
         negative_fallback: str = "repeat",
         pad_to_multiple_of: int | None = None,
+        packing: bool = False,
     ):
         if negative_fallback not in FALLBACKS:
             raise ValueError(f"hard_negative_fallback must be one of {FALLBACKS}, got {negative_fallback!r}")
@@ -95,6 +96,7 @@ class BatchBuilder:
         self.accumulation_steps = accumulation_steps
         self.negative_fallback = negative_fallback
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.packing = packing
         self._members_by_label = {
             i: self._group_by_label(spec.data) for i, spec in enumerate(datasets) if spec.task is Task.classification
         }
@@ -114,7 +116,7 @@ class BatchBuilder:
         else:
             batch = self._sts(spec, indices)
         batch.update(step=step, dataset=spec.data.name, num_examples=len(indices))
-        lengths = torch.cat([batch[side]["attention_mask"].sum(dim=1) for side in ("anchors", "candidates")])
+        lengths = torch.cat([_lengths(batch[side]) for side in ("anchors", "candidates")])
         batch["num_tokens"] = int(lengths.sum())  # real tokens, padding excluded
         batch["squared_lengths"] = int((lengths**2).sum())  # for the attention FLOPs
         return batch
@@ -224,7 +226,7 @@ class BatchBuilder:
         return np.random.default_rng([self.seed, _NEGATIVE_STREAM, dataset, epoch, index])
 
     def _tokenize(self, pieces: list[tuple[str, str, str]], max_length: int) -> dict[str, torch.Tensor]:
-        return tokenize(self.tokenizer, pieces, max_length, self.text_format, self.pad_to_multiple_of)
+        return tokenize(self.tokenizer, pieces, max_length, self.text_format, self.pad_to_multiple_of, self.packing)
 
     @staticmethod
     def _group_by_label(data: ClassificationData) -> dict[int, np.ndarray]:
@@ -232,6 +234,12 @@ class BatchBuilder:
         for i, label in enumerate(data.labels):
             groups.setdefault(label, []).append(i)
         return {label: np.asarray(members) for label, members in groups.items()}
+
+
+def _lengths(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "attention_mask" in tokens:
+        return tokens["attention_mask"].sum(dim=1)
+    return tokens["sequence_lengths"]
 
 
 def text_ids(texts: list[str]) -> torch.Tensor:

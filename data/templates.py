@@ -152,8 +152,9 @@ def tokenize(
     max_length: int,
     text_format: TextFormat,
     pad_to_multiple_of: int | None = None,
+    packed: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Tokenise rendered pieces into a padded batch.
+    """Tokenise rendered pieces into a padded batch (or, `packed`, one padding-free row).
 
     Only the body is truncated, to the token budget left after head and tail, so
     the instruction and the template always survive and the last token is the
@@ -163,6 +164,8 @@ def tokenize(
         input_ids, attention_mask: (B, T) int64, padded on tokenizer.padding_side;
         last_token_positions: (B,) index of each row's last real token;
         placeholder_positions: (B,) index of the placeholder (only with a placeholder).
+    Packed (see pack_sequences): input_ids and position_ids (1, N), no attention_mask,
+    positions indexing the packed row, and sequence_lengths (B,).
     """
     extra_front = [tokenizer.bos_token_id] if text_format.prepend_bos else []
     extra_back = [tokenizer.eos_token_id] if text_format.append_eos else []
@@ -176,7 +179,33 @@ def tokenize(
         placeholder_id = tokenizer.convert_tokens_to_ids(text_format.placeholder)
         if placeholder_id is None or placeholder_id == tokenizer.unk_token_id:
             raise ValueError(f"placeholder {text_format.placeholder!r} is not a token of the tokenizer")
+    if packed:
+        return pack_sequences(sequences, placeholder_id)
     return pad_sequences(sequences, tokenizer.pad_token_id, tokenizer.padding_side, placeholder_id, pad_to_multiple_of)
+
+
+def pack_sequences(sequences: list[list[int]], placeholder_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Concatenate sequences into one row without padding; positions restart at 0 for each
+    text, which Hugging Face decoders read as separate sequences (no attention across them)."""
+    input_ids = torch.tensor([token for ids in sequences for token in ids], dtype=torch.long).unsqueeze(0)  # (1, N)
+    position_ids = torch.cat([torch.arange(len(ids)) for ids in sequences]).unsqueeze(0)  # (1, N)
+    lengths = torch.tensor([len(ids) for ids in sequences], dtype=torch.long)
+    starts = torch.cumsum(lengths, 0) - lengths
+    batch = {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "last_token_positions": starts + lengths - 1,
+        "sequence_lengths": lengths,
+    }
+    if placeholder_id is not None:
+        positions = []
+        for row, ids in enumerate(sequences):
+            found = [i for i, token in enumerate(ids) if token == placeholder_id]
+            if len(found) != 1:
+                raise ValueError(f"sequence {row} holds the placeholder {len(found)} times; it must occur exactly once")
+            positions.append(int(starts[row]) + found[0])
+        batch["placeholder_positions"] = torch.tensor(positions, dtype=torch.long)
+    return batch
 
 
 def _encode_within_budget(tokenizer, pieces: list[tuple[str, str, str]], budget: int) -> list[list[int]]:

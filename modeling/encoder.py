@@ -23,6 +23,7 @@ from .token_prepending import TokenPrepending, find_decoder_layers, parse_tp_lay
 
 ENCODER_CONFIG_FILE = "tpembed_encoder.json"
 HEAD_WEIGHTS_FILE = "mrl_head.safetensors"
+ADAPTER_DIR = "adapter"
 ENCODER_FORMAT = "tpembed-encoder"
 
 
@@ -75,24 +76,36 @@ class Encoder(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         last_token_positions: torch.Tensor | None = None,
         placeholder_positions: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        sequence_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Embed a padded batch.
+        """Embed a padded batch, or texts packed into one row.
 
         Args:
-            input_ids, attention_mask: (B, T).
-            last_token_positions: (B,) index of each row's last real token; derived
-                from the mask when None (left or right padding).
-            placeholder_positions: (B,) index of the Token Prepending placeholder;
+            input_ids, attention_mask: (B, T); no attention_mask means packed: input_ids
+                (1, N) holds every text, `position_ids` (1, N) restart at 0 per text.
+            last_token_positions: (texts,) index of each text's last real token (in its
+                row, or in the packed row); derived from the mask when None.
+            placeholder_positions: (texts,) index of the Token Prepending placeholder;
                 required when Token Prepending is attached.
+            sequence_lengths: (texts,) lengths of packed texts (not needed here).
         Returns:
-            (B, embedding_dim).
+            (texts, embedding_dim).
         """
-        if last_token_positions is None:
-            last_token_positions = positions_from_mask(attention_mask)
+        packed = attention_mask is None
+        if packed:
+            if last_token_positions is None or position_ids is None:
+                raise ValueError("packed input needs position_ids and last_token_positions")
+            if Pooling(self.spec.pooling) is not Pooling.last_token:
+                raise ValueError("packed batches support last_token pooling only")
+            rows = torch.zeros_like(last_token_positions)
+        else:
+            if last_token_positions is None:
+                last_token_positions = positions_from_mask(attention_mask)
+            rows = None
         extra = {}
         tp = self.token_prepending
         if tp is not None:
@@ -101,7 +114,7 @@ class Encoder(nn.Module):
                     f"Token Prepending is on (layers {list(tp.layers)}) but the batch has no placeholder "
                     "positions: render the texts with a template that has a placeholder"
                 )
-            extra = tp.call_kwargs(placeholder_positions, last_token_positions)
+            extra = tp.call_kwargs(placeholder_positions, last_token_positions, rows)
         if position_ids is not None:
             extra["position_ids"] = position_ids
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
@@ -110,18 +123,45 @@ class Encoder(nn.Module):
                 f"{type(self.backbone).__name__} did not pass keyword arguments on to its decoder layers, "
                 "so Token Prepending could not run; this architecture is not supported with TP"
             )
-        pooled = pool(hidden, attention_mask, Pooling(self.spec.pooling), last_token_positions)  # (B, H)
+        if packed:
+            pooled = hidden[0, last_token_positions]  # (texts, H)
+        else:
+            pooled = pool(hidden, attention_mask, Pooling(self.spec.pooling), last_token_positions)  # (B, H)
         if self.head is None:
             return pooled
-        return self.head(pooled.to(self.head.linear.weight.dtype))  # (B, output_dim)
+        return self.head(pooled.to(self.head.linear.weight.dtype))  # (texts, output_dim)
 
     # ---- persistence -------------------------------------------------------------
+
+    @property
+    def has_adapter(self) -> bool:
+        return is_peft_model(self.backbone)
+
+    def add_lora(self, rank: int, alpha: float, dropout: float, target_modules, trainable_tokens=()) -> None:
+        """Wrap the backbone with LoRA adapters (peft); only adapters, the head and the listed
+        token rows (an added placeholder) are trained."""
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=list(target_modules),
+            trainable_token_indices=list(trainable_tokens) or None,
+        )
+        self.backbone = get_peft_model(self.backbone, lora)
+
+    def merge_adapter(self) -> None:
+        """Fold LoRA into the backbone weights; afterwards there is no peft module left."""
+        if self.has_adapter:
+            self.backbone = self.backbone.merge_and_unload()
 
     def save_pretrained(self, directory: str | Path, tokenizer=None, state_dict: dict | None = None) -> None:
         """Write backbone, head, spec (and tokenizer) to `directory`.
 
         `state_dict` is the encoder's full state dict when the caller had to gather
-        it (DeepSpeed ZeRO-3); by default this module's own is used.
+        it (DeepSpeed ZeRO-3); by default this module's own is used. With LoRA the
+        base weights go to the directory and the adapter to `adapter/` (peft layout).
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -129,7 +169,14 @@ class Encoder(nn.Module):
             state_dict = self.state_dict()
         backbone_state = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
         head_state = {k[len("head.") :]: v.contiguous() for k, v in state_dict.items() if k.startswith("head.")}
-        self.backbone.save_pretrained(directory, state_dict=backbone_state, safe_serialization=True)
+        if self.has_adapter:
+            self.backbone.save_pretrained(directory / ADAPTER_DIR, state_dict=backbone_state)
+            _drop_base_model_path(directory / ADAPTER_DIR)
+            backbone_state = base_weights(backbone_state)
+            base = self.backbone.get_base_model()
+            base.save_pretrained(directory, state_dict=backbone_state, safe_serialization=True)
+        else:
+            self.backbone.save_pretrained(directory, state_dict=backbone_state, safe_serialization=True)
         if head_state:
             save_file(head_state, str(directory / HEAD_WEIGHTS_FILE))
         (directory / ENCODER_CONFIG_FILE).write_text(json.dumps(asdict(self.spec), indent=2) + "\n")
@@ -145,8 +192,12 @@ class Encoder(nn.Module):
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
         tp_layers=None,
+        merge_adapter: bool = True,
     ) -> Encoder:
-        """Load an encoder directory; `tp_layers` (when not None) replaces the stored set."""
+        """Load an encoder directory; `tp_layers` (when not None) replaces the stored set.
+
+        A LoRA adapter saved with it is merged into the weights, or with
+        `merge_adapter=False` kept as a trainable adapter (resuming a LoRA run)."""
         directory = Path(directory)
         spec = read_encoder_spec(directory)
         backbone = load_backbone(
@@ -155,6 +206,12 @@ class Encoder(nn.Module):
             attn_implementation=attn_implementation,
             gradient_checkpointing=gradient_checkpointing,
         )
+        if (directory / ADAPTER_DIR / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            backbone = PeftModel.from_pretrained(backbone, str(directory / ADAPTER_DIR), is_trainable=not merge_adapter)
+            if merge_adapter:
+                backbone = backbone.merge_and_unload()
         if tp_layers is not None:
             spec.tp_layers = list(parse_tp_layers(tp_layers))
         encoder = cls(backbone, spec)
@@ -162,6 +219,31 @@ class Encoder(nn.Module):
             head_state = load_file(str(directory / HEAD_WEIGHTS_FILE))
             encoder.head.load_state_dict({k: v.to(encoder.head.linear.weight.dtype) for k, v in head_state.items()})
         return encoder
+
+
+def is_peft_model(module: nn.Module) -> bool:
+    return type(module).__name__.startswith("Peft") and hasattr(module, "get_base_model")
+
+
+def base_weights(peft_state: dict) -> dict:
+    """The base model's own weights out of a peft model's state dict (adapters left out)."""
+    base = {}
+    for key, value in peft_state.items():
+        if ".lora_" in key or "trainable_tokens_delta" in key:
+            continue
+        key = key.removeprefix("base_model.model.")
+        key = key.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".")
+        base[key] = value
+    return base
+
+
+def _drop_base_model_path(adapter_dir: Path) -> None:
+    """peft records where the base model came from; it is the directory above, and an
+    absolute path must not travel with the checkpoint."""
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = None
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def read_encoder_spec(directory: str | Path) -> EncoderSpec:

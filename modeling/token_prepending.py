@@ -22,6 +22,7 @@ from torch import nn
 
 PLACEHOLDER_POSITIONS_KWARG = "tp_placeholder_positions"
 LAST_TOKEN_POSITIONS_KWARG = "tp_last_token_positions"
+ROWS_KWARG = "tp_rows"  # the batch row of each text: all 0 when texts are packed into one row
 
 
 def parse_tp_layers(spec: str | Iterable[int] | None, num_layers: int | None = None) -> tuple[int, ...]:
@@ -96,12 +97,17 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def prepend_last_token(
-    hidden_states: torch.Tensor, placeholder_positions: torch.Tensor, last_token_positions: torch.Tensor
+    hidden_states: torch.Tensor,
+    placeholder_positions: torch.Tensor,
+    last_token_positions: torch.Tensor,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Out of place: row b's state at placeholder_positions[b] becomes its state at
-    last_token_positions[b]. The gradient flows through the copy."""
-    rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-    last_states = hidden_states[rows, last_token_positions]  # (B, H)
+    """Out of place: text i's state at (rows[i], placeholder_positions[i]) becomes its state
+    at (rows[i], last_token_positions[i]); rows default to one text per batch row. The
+    gradient flows through the copy."""
+    if rows is None:
+        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+    last_states = hidden_states[rows, last_token_positions]  # (texts, H)
     return hidden_states.index_put((rows, placeholder_positions), last_states)  # (B, T, H)
 
 
@@ -137,15 +143,20 @@ class TokenPrepending:
             handle.remove()
         self._handles = []
 
-    def call_kwargs(self, placeholder_positions: torch.Tensor | None, last_token_positions: torch.Tensor) -> dict:
-        """Keyword arguments to add to the backbone call."""
+    def call_kwargs(
+        self,
+        placeholder_positions: torch.Tensor | None,
+        last_token_positions: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> dict:
+        """Keyword arguments to add to the backbone call; `rows` for packed texts."""
         self.applied_layers = []
         if not self.layers or placeholder_positions is None:
             return {}
-        return {
-            PLACEHOLDER_POSITIONS_KWARG: placeholder_positions,
-            LAST_TOKEN_POSITIONS_KWARG: last_token_positions,
-        }
+        kwargs = {PLACEHOLDER_POSITIONS_KWARG: placeholder_positions, LAST_TOKEN_POSITIONS_KWARG: last_token_positions}
+        if rows is not None:
+            kwargs[ROWS_KWARG] = rows
+        return kwargs
 
     def _make_hook(self, layer_index: int):
         active = layer_index in self.layers
@@ -153,14 +164,16 @@ class TokenPrepending:
         def hook(module, args, kwargs):
             placeholder_positions = kwargs.pop(PLACEHOLDER_POSITIONS_KWARG, None)
             last_token_positions = kwargs.pop(LAST_TOKEN_POSITIONS_KWARG, None)
+            rows = kwargs.pop(ROWS_KWARG, None)
             if not active or placeholder_positions is None:
                 return args, kwargs
             self.applied_layers.append(layer_index)
             if args:
-                args = (prepend_last_token(args[0], placeholder_positions, last_token_positions),) + tuple(args[1:])
+                hidden = prepend_last_token(args[0], placeholder_positions, last_token_positions, rows)
+                args = (hidden,) + tuple(args[1:])
             else:
                 kwargs["hidden_states"] = prepend_last_token(
-                    kwargs["hidden_states"], placeholder_positions, last_token_positions
+                    kwargs["hidden_states"], placeholder_positions, last_token_positions, rows
                 )
             return args, kwargs
 

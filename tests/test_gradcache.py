@@ -103,7 +103,7 @@ def test_dropout_masks_are_replayed(tiny_backbone, qwen_tokenizer):
 
 def test_token_budget_split_keeps_rows_and_positions(qwen_tokenizer):
     batch = make_batch("retrieval", qwen_tokenizer, tp=True)["candidates"]
-    chunks = split_rows(batch["attention_mask"], None, 100)
+    chunks = split_rows(batch["attention_mask"].sum(1), None, 100)
     assert [i for rows in chunks for i in rows] == list(range(batch["input_ids"].shape[0]))
     for rows in chunks:
         part = take_rows(batch, rows, "left")

@@ -92,8 +92,11 @@ def build_text(config: Config, model_dir: Path | None = None) -> TextSetup:
     return TextSetup(tokenizer, text_format, added)
 
 
-def build_encoder(config: Config, text: TextSetup, model_dir: Path | None = None) -> Encoder:
-    """A fresh encoder (stage 1) or one continued from `model_dir` (stage 2, resume)."""
+def build_encoder(config: Config, text: TextSetup, model_dir: Path | None = None, resuming: bool = False) -> Encoder:
+    """A fresh encoder (stage 1) or one continued from `model_dir` (stage 2, resume).
+
+    With LoRA, a resumed run keeps its adapter trainable; a stage-2 run merges a stage-1
+    adapter into the weights and trains a fresh one on top."""
     model = config.model
     tp_layers = check_tp_layers(config, model_dir)
     if model_dir is not None:
@@ -103,6 +106,7 @@ def build_encoder(config: Config, text: TextSetup, model_dir: Path | None = None
             attn_implementation=model.attn_implementation,
             gradient_checkpointing=model.gradient_checkpointing,
             tp_layers=tp_layers,
+            merge_adapter=not resuming,
         )
         if encoder.head is not None and encoder.head.output_dim != model.output_dim:
             raise ConfigError(
@@ -132,6 +136,10 @@ def build_encoder(config: Config, text: TextSetup, model_dir: Path | None = None
         encoder.set_tp_layers(tp_layers)
     encoder.spec.placeholder_token = text.text_format.placeholder
     _fit_embeddings(encoder, len(text.tokenizer))
+    lora = config.lora
+    if lora.lora_rank and not encoder.has_adapter:
+        added = [text.tokenizer.convert_tokens_to_ids(text.text_format.placeholder)] if text.placeholder_added else []
+        encoder.add_lora(lora.lora_rank, lora.lora_alpha, lora.lora_dropout, lora.lora_target_modules, added)
     return encoder
 
 
@@ -147,6 +155,8 @@ def check_tp_layers(config: Config, model_dir: Path | None = None) -> list[int]:
 
 def _fit_embeddings(encoder: Encoder, vocab_size: int) -> None:
     """Grow the embedding matrix when the tokenizer gained tokens beyond it."""
+    if encoder.has_adapter:  # a resumed LoRA run: its checkpoint was saved with every row
+        return
     embeddings = encoder.backbone.get_input_embeddings()
     if vocab_size > embeddings.num_embeddings:
         logger.info("resizing token embeddings %d -> %d", embeddings.num_embeddings, vocab_size)
@@ -248,7 +258,29 @@ def build_batches(
         accumulation_steps=config.train.gradient_accumulation_steps,
         negative_fallback=config.data.hard_negative_fallback,
         pad_to_multiple_of=config.data.pad_to_multiple_of,
+        packing=packing_enabled(config),
     )
+
+
+# attention implementations whose masks Hugging Face builds from packed position ids
+PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def packing_enabled(config: Config) -> bool:
+    """data.packing, unless the attention implementation cannot read packed sequences."""
+    if not config.data.packing:
+        return False
+    if config.model.pooling.value != "last_token":
+        raise ConfigError("data.packing: packed batches support model.pooling: last_token only")
+    if config.model.attn_implementation not in PACKING_ATTENTION:
+        logger.warning(
+            "data.packing: attention implementation %r cannot separate packed texts; falling back to padded "
+            "batches (use one of %s)",
+            config.model.attn_implementation,
+            ", ".join(PACKING_ATTENTION),
+        )
+        return False
+    return True
 
 
 def build_objective(config: Config) -> EmbeddingObjective:

@@ -71,6 +71,17 @@ class TokenPrependingConfig:
 
 
 @dataclass
+class LoraConfig:
+    lora_rank: int = _help("LoRA rank through peft; 0 trains every parameter", 0)
+    lora_alpha: float = _help("LoRA scaling alpha (the update is scaled by alpha / rank)", 32.0)
+    lora_dropout: float = _help("dropout on the LoRA input", 0.0)
+    lora_target_modules: list[str] = _help(
+        "modules that get adapters",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+
+
+@dataclass
 class DatasetConfig:
     path: str = _help("JSONL or parquet file, a directory of them, or a `datasets` dataset saved to disk", "")
     task: Task = _help("retrieval, sts or classification", Task.retrieval)
@@ -110,6 +121,11 @@ class DataConfig:
     allow_empty_text: bool = _help("render empty queries/positives as 'Null' instead of failing", False)
     num_workers: int = _help("DataLoader worker processes that build and tokenise batches ahead", 0)
     pad_to_multiple_of: int | None = _help("pad sequence lengths to a multiple of this (8 helps tensor cores)", None)
+    packing: bool = _help(
+        "padding-free batches: texts packed into one row with per-text position ids (needs an attention "
+        "implementation that reads packed position ids: sdpa, eager, flash_attention_2/3)",
+        False,
+    )
 
 
 @dataclass
@@ -200,6 +216,7 @@ class EvalConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tp: TokenPrependingConfig = field(default_factory=TokenPrependingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -456,6 +473,8 @@ def validate(config: Config) -> Config:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
+    if config.lora.lora_rank < 0:
+        raise ConfigError(f"lora.lora_rank: must be >= 0, got {config.lora.lora_rank}")
     if config.data.num_hard_negatives < 0:
         raise ConfigError(f"data.num_hard_negatives: must be >= 0, got {config.data.num_hard_negatives}")
     if config.data.eta_ret is not None and not 0 <= config.data.eta_ret <= 1:

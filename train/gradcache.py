@@ -11,7 +11,7 @@ and the compute of one extra forward. RNG states are replayed so dropout masks
 match between the two forwards.
 
 Mini-batches are a fixed number of texts, or as many texts as fit a token budget
-(rows x padded length).
+(texts x padded length, or the packed length).
 """
 
 from __future__ import annotations
@@ -26,31 +26,53 @@ from modeling.distributed import all_finite
 META_KEYS = ("scores", "anchor_labels", "candidate_labels", "candidate_text_ids")
 
 
-def split_rows(attention_mask: torch.Tensor, max_rows: int | None, token_budget: int | None) -> list[range]:
-    """Contiguous row ranges: at most `max_rows` rows, or rows x longest length <= `token_budget`."""
-    lengths = attention_mask.sum(dim=1).tolist()
-    chunks, start, longest = [], 0, 0
-    for row, length in enumerate(lengths):
-        rows, longest_with = row - start + 1, max(longest, length)
+def text_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(texts,) real token counts of a padded or packed token batch."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum(dim=1)
+    return batch["sequence_lengths"]
+
+
+def split_rows(
+    lengths: torch.Tensor, max_rows: int | None, token_budget: int | None, packed: bool = False
+) -> list[range]:
+    """Contiguous text ranges of at most `max_rows` texts, or within `token_budget` tokens
+    (padded: texts x longest length; packed: the sum of the lengths)."""
+    chunks, start, longest, total = [], 0, 0, 0
+    for row, length in enumerate(lengths.tolist()):
+        rows, longest_with, total_with = row - start + 1, max(longest, length), total + length
+        cost = total_with if packed else rows * longest_with
         too_many = max_rows is not None and rows > max_rows
-        too_large = token_budget is not None and rows * longest_with > token_budget
+        too_large = token_budget is not None and cost > token_budget
         if row > start and (too_many or too_large):
             chunks.append(range(start, row))
-            start, longest = row, length
+            start, longest, total = row, length, length
         else:
-            longest = longest_with
+            longest, total = longest_with, total_with
     chunks.append(range(start, len(lengths)))
     return chunks
 
 
 def take_rows(batch: dict[str, torch.Tensor], rows: range, padding_side: str) -> dict[str, torch.Tensor]:
-    """Rows of a token batch, trimmed of the columns that are padding in all of them."""
-    mask = batch["attention_mask"][rows.start : rows.stop]
-    length = int(mask.sum(dim=1).max())
-    width = mask.shape[1]
-    columns = slice(width - length, width) if padding_side == "left" else slice(0, length)
-    shift = columns.start
-    part = {"input_ids": batch["input_ids"][rows.start : rows.stop, columns], "attention_mask": mask[:, columns]}
+    """Texts `rows` of a token batch: padded rows trimmed of all-padding columns, or the
+    packed tokens of those texts."""
+    if "attention_mask" not in batch:
+        lengths = batch["sequence_lengths"]
+        begin = int(lengths[: rows.start].sum())
+        end = begin + int(lengths[rows.start : rows.stop].sum())
+        part = {
+            "input_ids": batch["input_ids"][:, begin:end],
+            "position_ids": batch["position_ids"][:, begin:end],
+            "sequence_lengths": lengths[rows.start : rows.stop],
+        }
+        shift = begin
+    else:
+        mask = batch["attention_mask"][rows.start : rows.stop]
+        length = int(mask.sum(dim=1).max())
+        width = mask.shape[1]
+        columns = slice(width - length, width) if padding_side == "left" else slice(0, length)
+        part = {"input_ids": batch["input_ids"][rows.start : rows.stop, columns], "attention_mask": mask[:, columns]}
+        shift = columns.start
     for key in ("last_token_positions", "placeholder_positions"):
         if key in batch:
             part[key] = batch[key][rows.start : rows.stop] - shift
@@ -93,7 +115,8 @@ def cached_micro_step(
     with torch.no_grad():
         for side in ("anchors", "candidates"):
             outputs = []
-            for rows in split_rows(batch[side]["attention_mask"], max_rows, token_budget):
+            packed = "attention_mask" not in batch[side]
+            for rows in split_rows(text_lengths(batch[side]), max_rows, token_budget, packed):
                 part = {k: v.to(device) for k, v in take_rows(batch[side], rows, padding_side).items()}
                 state = rng_state()
                 pieces.append((side, part, state))
@@ -111,7 +134,7 @@ def cached_micro_step(
 
     offsets = {"anchors": 0, "candidates": 0}
     for index, (side, part, state) in enumerate(pieces):
-        rows = part["input_ids"].shape[0]
+        rows = part["last_token_positions"].shape[0]
         gradient = cached[side][offsets[side] : offsets[side] + rows]
         offsets[side] += rows
         with replayed_rng(state):

@@ -85,7 +85,7 @@ def train(config: Config) -> Path:
         _log_stage_diff(init[1], config)
 
     text = build.build_text(config, model_dir)
-    encoder = build.build_encoder(config, text, model_dir)
+    encoder = build.build_encoder(config, text, model_dir, resuming=resume is not None)
     specs, report = build.build_datasets(config, text.text_format)
     build.check_lengths(config, specs, text)
     _log_data(specs, report, text)
@@ -134,11 +134,13 @@ def train(config: Config) -> Path:
         init_kwargs={"wandb": {"name": config.logging.run_name or run_dir.name, "dir": str(run_dir)}},
     )
 
+    text_config = TextConfig(text.text_format, config.data.query_max_len, config.data.passage_max_len)
+
     def write_model(directory: Path) -> None:
         state_dict = accelerator.get_state_dict(encoder)
         if accelerator.is_main_process:
             accelerator.unwrap_model(encoder).save_pretrained(directory, text.tokenizer, state_dict=state_dict)
-            TextConfig(text.text_format, config.data.query_max_len, config.data.passage_max_len).save(directory)
+            text_config.save(directory)
 
     def checkpoint(step: int) -> Path:
         sampler.step = step
@@ -164,24 +166,28 @@ def train(config: Config) -> Path:
         logger.info("checkpoint %s", path)
         return path
 
-    dev_sets = _load_dev_sets(config) if accelerator.is_main_process else []
+    # under ZeRO-3 the parameters are partitioned: every rank must run the evaluation's forwards
+    zero3 = deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
+    evaluating = accelerator.is_main_process or zero3
+    dev_sets = _load_dev_sets(config) if evaluating else []
     dev_data = {task.name: data for task, data in dev_sets}
-    text_config = TextConfig(text.text_format, config.data.query_max_len, config.data.passage_max_len)
 
     def dev_evaluation(step: int) -> None:
-        """Dev sets on the main process while the others wait; scores go to the trackers."""
-        if accelerator.is_main_process:
+        """Dev sets on the main process while the others wait (all ranks under ZeRO-3); scores
+        go to the trackers."""
+        if evaluating:
             model = accelerator.unwrap_model(encoder)
             embedder = Embedder(model, text.tokenizer, text_config, device=accelerator.device)
             encode = embedder_encode_fn(embedder, config.eval.eval_batch_size)
             with accelerator.autocast():
                 results = evaluate(encode, [task for task, _ in dev_sets], model.spec.mrl_dims, dev_data)
-            metrics = flat_metrics(results)
-            accelerator.log(metrics, step=step)
-            with (run_dir / "eval.jsonl").open("a") as handle:
-                handle.write(json.dumps({"step": step, **metrics}) + "\n")
-            logger.info("step %d dev evaluation:\n%s", step, format_table(results))
             model.train()
+            if accelerator.is_main_process:
+                metrics = flat_metrics(results)
+                accelerator.log(metrics, step=step)
+                with (run_dir / "eval.jsonl").open("a") as handle:
+                    handle.write(json.dumps({"step": step, **metrics}) + "\n")
+                logger.info("step %d dev evaluation:\n%s", step, format_table(results))
         accelerator.wait_for_everyone()
 
     accumulation = config.train.gradient_accumulation_steps
@@ -306,6 +312,7 @@ def train(config: Config) -> Path:
             **{f"loss_dim_{dim}": float(v) for dim, v in zip(per_dim, means[1:])},
             "lr": learning_rate,
             "grad_norm": grad_norm,
+            "step_seconds": elapsed,
         }
         log_now = done % config.logging.log_every == 0 or done == max_steps
         if log_now:

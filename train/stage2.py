@@ -4,7 +4,7 @@
     accelerate launch train/stage2.py --config configs/quickstart/stage2.yaml
 
     # the published recipe (8k steps, LR 2e-5, TP at layers 1-7)
-    accelerate launch --config_file launch/multi_gpu.yaml train/stage2.py \\
+    accelerate launch --config_file launch/deepspeed_zero3.yaml train/stage2.py \\
         --config configs/stage2/qwen3_8b.yaml --init-from runs/qwen3_8b_stage1 --tp-layers 1-7
 
 Stage 2 is stage 1's loop with the PromptEOL template (data side), Token

@@ -1,0 +1,77 @@
+"""Padding-free packing: the same embeddings and loss as padded batches, with and without TP."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from data import TEMPLATES, BatchBuilder, DatasetSpec, GroupedStepSampler, Lengths, TextFormat, read_dataset
+from modeling import EmbeddingObjective
+from train import build
+from train.config import load_config
+from train.gradcache import cached_micro_step
+from train.loop import micro_step_loss
+
+
+def builders(tokenizer, tp):
+    data = read_dataset(REPO / "data/samples/snli_triplets_en.jsonl", "retrieval", "snli")
+    text_format = (
+        TextFormat(template=TEMPLATES["prompteol"], placeholder="<|im_start|>", append_eos=False)
+        if tp
+        else TextFormat()
+    )
+    made = []
+    for packing in (False, True):
+        sampler = GroupedStepSampler([len(data)], [6], seed=2, probabilities=np.array([1.0]))
+        spec = DatasetSpec(data, "retrieve", 6, num_hard_negatives=2)
+        made.append(BatchBuilder([spec], sampler, tokenizer, text_format, Lengths(40, 40), seed=2, packing=packing))
+    return made
+
+
+@pytest.mark.parametrize("tp", [False, True], ids=["plain", "token-prepending"])
+def test_packed_equals_padded(tiny_encoder, qwen_tokenizer, tp):
+    if tp:
+        tiny_encoder.set_tp_layers("1-7")
+    padded_builder, packed_builder = builders(qwen_tokenizer, tp)
+    padded, packed = padded_builder.micro_batch(0, 0), packed_builder.micro_batch(0, 0)
+    assert packed["anchors"]["input_ids"].shape[0] == 1 and "attention_mask" not in packed["anchors"]
+    assert (
+        packed["num_tokens"]
+        == padded["num_tokens"]
+        == packed["anchors"]["input_ids"].shape[1] + packed["candidates"]["input_ids"].shape[1]
+    )
+    with torch.no_grad():
+        for side in ("anchors", "candidates"):
+            torch.testing.assert_close(tiny_encoder(**packed[side]), tiny_encoder(**padded[side]), atol=1e-5, rtol=1e-5)
+    objective = EmbeddingObjective(mrl_dims=[64, 1792], temperature=0.05)
+    padded_loss, _ = micro_step_loss(tiny_encoder, objective, padded, "cpu")
+    packed_loss, _ = micro_step_loss(tiny_encoder, objective, packed, "cpu")
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_gradcache_over_packed_batches(tiny_encoder, qwen_tokenizer):
+    tiny_encoder.set_tp_layers("1-7")
+    tiny_encoder.train()
+    padded_builder, packed_builder = builders(qwen_tokenizer, tp=True)
+    objective = EmbeddingObjective(mrl_dims=[64, 1792], temperature=0.05)
+    loss, _ = micro_step_loss(tiny_encoder, objective, padded_builder.micro_batch(0, 0), "cpu")
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in tiny_encoder.named_parameters() if p.grad is not None}
+    tiny_encoder.zero_grad(set_to_none=True)
+    batch = packed_builder.micro_batch(0, 0)
+    cached, _, _ = cached_micro_step(tiny_encoder, objective, batch, "cpu", lambda piece, last: piece.backward(),
+                                     token_budget=150)  # fmt: skip
+    torch.testing.assert_close(cached, loss.detach(), atol=1e-5, rtol=1e-5)
+    for name, grad in expected.items():
+        scale = max(1.0, float(grad.abs().max()))
+        assert float((tiny_encoder.get_parameter(name).grad - grad).abs().max()) <= 1e-5 * scale, name
+
+
+def test_unsupported_attention_falls_back_with_a_message(caplog):
+    config = load_config(["--packing", "true", "--attn-implementation", "paged|sdpa"])
+    with caplog.at_level(logging.WARNING, logger="tpembed"):
+        assert build.packing_enabled(config) is False
+    assert "cannot separate packed texts; falling back to padded batches" in caplog.text
+    assert build.packing_enabled(load_config(["--packing", "true"])) is True
