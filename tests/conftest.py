@@ -26,6 +26,15 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
 
+def free_port() -> str:
+    """A TCP port nobody listens on now, for a multi-process run's rendezvous."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def subprocess_env() -> dict:
     """Environment for child processes: the same cache and thread settings."""
     env = dict(os.environ)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, free_port, subprocess_env
 from train.embedder import Embedder
 from train.export import export
 
@@ -18,8 +18,16 @@ FLAGS = ["--max-steps", "3", "--save-every", "3", "--batch-size", "8", "--query-
          "--passage-max-len", "48", "--report-to", "none", "--progress-bar", "false"]  # fmt: skip
 
 
-def launch(run_dir, port, *extra, zero=None):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", port]
+def launch(run_dir, *extra, zero=None):
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        free_port(),
+    ]
     if zero:
         launcher += ["--use_deepspeed", "--deepspeed_config_file", str(REPO / f"launch/deepspeed/zero{zero}.json"),
                      "--mixed_precision", "no"]  # fmt: skip
@@ -36,12 +44,12 @@ def launch(run_dir, port, *extra, zero=None):
 def runs(tmp_path_factory):
     """DDP without GradCache, and ZeRO-2 / ZeRO-3 with GradCache (mini-batches of 5 texts)."""
     root = tmp_path_factory.mktemp("deepspeed")
-    results = {"ddp": (root / "ddp", launch(root / "ddp", "29641"))}
+    results = {"ddp": (root / "ddp", launch(root / "ddp"))}
     for zero in (2, 3):
         run_dir = root / f"zero{zero}"
         results[zero] = (
             run_dir,
-            launch(run_dir, f"2965{zero}", "--grad-cache", "true", "--grad-cache-rows", "5", zero=zero),
+            launch(run_dir, "--grad-cache", "true", "--grad-cache-rows", "5", zero=zero),
         )
     return results
 
@@ -63,6 +71,6 @@ def test_zero3_checkpoint_exports_reloads_and_resumes(runs, tmp_path):
     report = export(run_dir, tmp_path / "export")
     assert max(report.max_abs_diff.values()) <= 1e-5
     assert Embedder.from_checkpoint(run_dir).encode(["a consolidated checkpoint"]).shape == (1, 1792)
-    resumed = launch(run_dir, "29672", "--max-steps", "4", "--resume-from", "auto", "--grad-cache", "true",
+    resumed = launch(run_dir, "--max-steps", "4", "--resume-from", "auto", "--grad-cache", "true",
                      "--grad-cache-rows", "5", zero=3)  # fmt: skip
     assert [r["step"] for r in resumed] == [1, 2, 3, 4] and resumed[:3] == first

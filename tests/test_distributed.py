@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, free_port, subprocess_env
 
 WORKER = Path(__file__).parent / "workers" / "gathered_gradients.py"
 
@@ -56,7 +56,7 @@ def test_two_processes_match_one(tmp_path, mode):
     single.mkdir()
     double.mkdir()
     run([sys.executable, str(WORKER), str(config), str(single)], REPO)
-    port = "29531" if mode == "plain" else "29532"
+    port = free_port()
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     run([*launch, "--main_process_port", port, str(WORKER), str(config), str(double), mode], REPO)
     for task in ("retrieval", "sts", "classification"):

