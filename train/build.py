@@ -304,11 +304,14 @@ def build_optimizer(config: Config, encoder: torch.nn.Module) -> torch.optim.Opt
             ndim = len(getattr(parameter, "ds_shape", parameter.shape))
             (no_decay if ndim < 2 else decay).append(parameter)
     optim = config.optim
+    # the fused kernel needs floating-point tensors on a device it supports; else per-tensor
+    fused = optim.fused and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=optim.learning_rate,
         betas=(optim.adam_beta1, optim.adam_beta2),
         eps=optim.adam_epsilon,
+        fused=fused or None,
     )
 
 

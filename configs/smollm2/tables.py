@@ -1,0 +1,69 @@
+"""Print the docs/RESULTS.md tables from the results.json files that results.sh writes.
+
+    python configs/smollm2/tables.py            # reads runs/smollm2/results/* and runs/smollm2/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROWS = [
+    ("base, mean pooling (zero-shot)", "results/base_mean"),
+    ("base + PromptEOL", "results/base_prompteol"),
+    ("base + PromptEOL + TP 1-7 (training-free)", "results/base_prompteol_tp"),
+    ("after stage 1", "results/stage1"),
+    ("after stage 2, no TP", "results/stage2_no_tp"),
+    ("after stage 2, TP 1-7 (exported, sentence-transformers)", "eval"),
+]
+LANGUAGES = {
+    "English": ["stsb_en_dev", "sick_validation", "xquad_en", "cranfield"],
+    "Chinese": ["stsb_zh_validation", "lcqmc_validation"],
+}
+
+
+def load(path: Path) -> dict | None:
+    file = path / "results.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def cell(results: dict | None, task: str, dim: int | None = None) -> str:
+    if results is None or task not in results["tasks"]:
+        return "n/a"
+    entry = results["tasks"][task]
+    dim = str(dim or max(results["dims"]))
+    return f"{entry['by_dim'][dim][entry['main_metric']]:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="runs/smollm2", type=Path)
+    args = parser.parse_args()
+    loaded = [(label, load(args.root / sub)) for label, sub in ROWS]
+    for language, tasks in LANGUAGES.items():
+        metrics = []
+        for task in tasks:
+            found = next((r for _, r in loaded if r and task in r["tasks"]), None)
+            metrics.append(found["tasks"][task]["main_metric"] if found else "?")
+        print(f"\n### {language}\n")
+        print("| model | dim | " + " | ".join(f"{t} ({m})" for t, m in zip(tasks, metrics)) + " |")
+        print("|---|---:|" + "---:|" * len(tasks))
+        for label, results in loaded:
+            dim = max(results["dims"]) if results else "n/a"
+            print(f"| {label} | {dim} | " + " | ".join(cell(results, t) for t in tasks) + " |")
+    final = loaded[-1][1]
+    if final:
+        dims = final["dims"]
+        print("\n### Final model at every Matryoshka dim\n")
+        print("| task | " + " | ".join(str(d) for d in dims) + " | 256 vs full |")
+        print("|---|" + "---:|" * (len(dims) + 1))
+        for task, entry in final["tasks"].items():
+            metric = entry["main_metric"]
+            values = [entry["by_dim"][str(d)][metric] for d in dims]
+            gap = entry["by_dim"]["256"][metric] - values[-1] if "256" in entry["by_dim"] else float("nan")
+            print(f"| {task} ({metric}) | " + " | ".join(f"{v:.2f}" for v in values) + f" | {gap:+.2f} |")
+
+
+if __name__ == "__main__":
+    main()
