@@ -121,6 +121,23 @@ def test_quickstart_checkpoint_on_stsb_and_xquad_slices(quickstart_stage2, tmp_p
     assert (tmp_path / "dims.png").is_file()
 
 
+def test_skip_leaves_out_named_tasks_and_rejects_unknown_names(quickstart_stage2, tmp_path, capsys):
+    run_dir, _ = quickstart_stage2
+    rows = [("a cat sits", "a cat is sitting", 4.0), ("a cat sits", "stocks fell", 0.0), ("go", "went", 3.0)]
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "dev.jsonl").write_text(
+            "\n".join(json.dumps({"sentence1": a, "sentence2": b, "score": s}) for a, b, s in rows)
+        )
+    common = [str(run_dir), "--sts", str(tmp_path / "first/dev.jsonl"), "--sts", str(tmp_path / "second/dev.jsonl")]
+    with pytest.raises(SystemExit):
+        main([*common, "--skip", "third/dev"])
+    assert "--skip: no task named third/dev" in capsys.readouterr().err
+    assert main([*common, "--skip", "first/dev", "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "out/results.json").read_text())
+    assert list(results["tasks"]) == ["second/dev"]
+
+
 def test_dev_sets_are_evaluated_during_training(tmp_path):
     rows = [json.loads(line) for line in (REPO / "data/samples/snli_pairs_en.jsonl").read_text().splitlines()[:30]]
     dev = tmp_path / "dev.jsonl"

@@ -150,7 +150,7 @@ class OptimConfig:
     adam_beta1: float = _help("AdamW beta1", 0.9)
     adam_beta2: float = _help("AdamW beta2", 0.999)
     adam_epsilon: float = _help("AdamW epsilon", 1e-8)
-    fused: bool = _help("torch's fused AdamW kernel (one kernel for all tensors, CPU and CUDA); false: per-tensor", True)
+    fused: bool = _help("torch's fused AdamW kernel (CPU and CUDA); false: the per-tensor loop", True)
     warmup_steps: int = _help("linear warm-up steps", 300)
     lr_scheduler: Literal["linear", "cosine", "constant"] = _help("decay after warm-up", "linear")
     max_grad_norm: float = _help("gradient clipping norm (0 disables)", 1.0)

@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrieval", action="append", default=[], help="a BEIR directory")
     parser.add_argument("--sts-instruction", default=DEFAULT_STS_INSTRUCTION)
     parser.add_argument("--retrieval-instruction", default=DEFAULT_RETRIEVAL_INSTRUCTION)
+    parser.add_argument("--skip", nargs="+", default=[], metavar="TASK", help="leave out these tasks (by name)")
     parser.add_argument("--limit", type=int, help="only the first N pairs / queries of every task")
     parser.add_argument("--no-instructions", action="store_true", help="encode every text without instruction")
     parser.add_argument("--dims", type=int, nargs="+", help="dims to evaluate (default: the model's Matryoshka dims)")
@@ -265,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         EvalTaskConfig(name=_short_name(p), type="retrieval", path=p, instruction=args.retrieval_instruction)
         for p in args.retrieval
     ]
+    unknown = sorted(set(args.skip) - {task.name for task in tasks})
+    if unknown:
+        parser.error(f"--skip: no task named {', '.join(unknown)} (tasks: {', '.join(t.name for t in tasks)})")
+    tasks = [task for task in tasks if task.name not in args.skip]
     if not tasks:
         parser.error("no tasks: pass --tasks, --sts or --retrieval")
     for task in tasks:

@@ -1,6 +1,6 @@
 """Print the docs/RESULTS.md tables from the results.json files that results.sh writes.
 
-    python configs/smollm2/tables.py            # reads runs/smollm2/results/* and runs/smollm2/eval
+python configs/smollm2/tables.py            # reads runs/smollm2/results/* and runs/smollm2/eval
 """
 
 from __future__ import annotations
