@@ -39,7 +39,8 @@ RECIPES = {
         # trained on passages cut at 96 tokens for speed; reads up to 256 when deployed
         "export_flags": ["--passage-max-len", "256"],
         "prepare": [
-            ["nli-triplets", "../shared/data/snli_en/validation.jsonl", "runs/smollm2/data/snli_triplets.jsonl"]
+            ["nli-triplets", "../shared/data/snli_en/validation.jsonl", "runs/smollm2/data/snli_triplets.jsonl"],
+            ["drop-empty", "../shared/data/cmrc2018_trial/train.jsonl", "runs/smollm2/data/cmrc2018.jsonl"],
         ],
         "output_dir": "runs/smollm2",
     },

@@ -1,0 +1,26 @@
+"""The pipeline's recipes: every training file exists or is written by a prepare step."""
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+from train.config import STAGE_DEFAULTS, load_config
+from train.pipeline import RECIPES
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_dataset_of_a_recipe_exists_or_is_prepared(name):
+    recipe = RECIPES[name]
+    prepared = {target for _, _, target in recipe["prepare"]}
+    for stage in (1, 2):
+        config = load_config(["--config", str(REPO / recipe[f"stage{stage}"])], base=STAGE_DEFAULTS[stage])
+        for dataset in config.data.datasets:
+            if dataset.path in prepared:
+                continue
+            if dataset.path.startswith("../shared/data/"):
+                if SHARED_DATA.is_dir():
+                    assert (REPO / dataset.path).exists(), f"{name} stage {stage}: {dataset.path}"
+                continue
+            bundled = dataset.path.startswith("data/") and (REPO / dataset.path).exists()
+            assert bundled, f"{name} stage {stage}: {dataset.path} is neither bundled (data/) nor prepared"
+    for _, source, _ in recipe["prepare"]:
+        assert source.startswith("../shared/data/") or (REPO / source).exists()
