@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REPO, subprocess_env
 from train.embedder import Embedder
-from train.export import ExportError, export, parity_check
+from train.export import ExportError, add_results_to_card, export, parity_check
 
 INSTRUCTION = "Given a premise, retrieve a hypothesis that is entailed by the premise"
 TEXTS = ["A man is playing a guitar.", "一架飞机要起飞了。", "", "x " * 300, "placeholder <|im_start|> in text"]
@@ -170,3 +170,20 @@ def test_model_card_describes_the_model_and_its_snippet_runs(exports, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tensor" in result.stdout
+
+
+def test_evaluation_table_is_added_to_the_card_once(exports, tmp_path):
+    _, export_dir = exports["stage2"]
+    copy = tmp_path / "export"
+    copy.mkdir()
+    shutil.copy(export_dir / "README.md", copy / "README.md")
+    before = (copy / "README.md").read_text()
+    results = {"dims": [128, 1792], "tasks": {"stsb": {"type": "sts", "main_metric": "spearman", "num_examples": 3,
+               "by_dim": {"128": {"spearman": 70.123}, "1792": {"spearman": 75.5}}}}}  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    for _ in range(2):  # a second evaluation replaces the table
+        add_results_to_card(copy, tmp_path / "results.json")
+    card = (copy / "README.md").read_text()
+    assert card.startswith(before.rstrip("\n"))
+    assert card.count("## Evaluation") == 1
+    assert "| stsb | spearman | 70.12 | 75.50 |" in card

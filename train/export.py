@@ -262,6 +262,15 @@ def _write_card(
     (directory / "README.md").write_text("\n".join(lines) + "\n")
 
 
+def add_results_to_card(export_dir: str | Path, eval_results: str | Path) -> None:
+    """Put the evaluation table of `python -m train.eval EXPORT` into the export's model card
+    (replacing an earlier one): the export exists before it can be evaluated."""
+    card = Path(export_dir) / "README.md"
+    text = card.read_text()
+    text = text.split("\n## Evaluation\n", 1)[0].rstrip("\n")
+    card.write_text(text + "\n\n## Evaluation\n\n" + _results_table(Path(eval_results)) + "\n")
+
+
 def _results_table(path: Path) -> str:
     results = json.loads(path.read_text())
     tasks = results["tasks"]

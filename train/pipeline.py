@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .checkpoint import latest_checkpoint, load_trainer_state
 from .config import STAGE_DEFAULTS, load_config
+from .export import add_results_to_card
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
             "evaluate the exported model",
         )
+        add_results_to_card(REPO / export_dir, REPO / output_dir / "eval" / "results.json")
     (REPO / output_dir).mkdir(parents=True, exist_ok=True)
     (REPO / output_dir / "pipeline_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     print(f"\ndone: {export_dir} " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()))
