@@ -115,11 +115,12 @@ def test_kill_anywhere_and_resume(tmp_path, script, config, processes):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
-def test_stage2_kill_and_resume(tmp_path, quickstart_stage1):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_stage2_kill_and_resume(tmp_path, quickstart_stage1, processes):
     flags = ["--init-from", str(quickstart_stage1), "--query-max-len", "64"]
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
-    run(command("stage2.py", STAGE2, reference_dir, 1, *flags))
-    cmd = command("stage2.py", STAGE2, run_dir, 1, *flags)
+    run(command("stage2.py", STAGE2, reference_dir, processes, *flags))
+    cmd = command("stage2.py", STAGE2, run_dir, processes, *flags)
     run_until_killed(cmd, lambda: latest_checkpoint_step(run_dir) >= 3 and len(logged_steps(run_dir)) >= 5)
     run(cmd + ["--resume-from", "auto"])
     assert_same_losses(logged_steps(run_dir), logged_steps(reference_dir))
