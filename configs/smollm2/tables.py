@@ -12,6 +12,7 @@ from pathlib import Path
 ROWS = [
     ("base, mean pooling (zero-shot)", "results/base_mean"),
     ("base + PromptEOL", "results/base_prompteol"),
+    ("base + PromptEOL + added placeholder, no TP", "results/base_prompteol_placeholder"),
     ("base + PromptEOL + TP 1-7 (training-free)", "results/base_prompteol_tp"),
     ("after stage 1", "results/stage1"),
     ("after stage 2, no TP", "results/stage2_no_tp"),
