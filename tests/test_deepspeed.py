@@ -74,3 +74,10 @@ def test_zero3_checkpoint_exports_reloads_and_resumes(runs, tmp_path):
     resumed = launch(run_dir, "--max-steps", "4", "--resume-from", "auto", "--grad-cache", "true",
                      "--grad-cache-rows", "5", zero=3)  # fmt: skip
     assert [r["step"] for r in resumed] == [1, 2, 3, 4] and resumed[:3] == first
+
+
+def test_zero3_with_cpu_offload_matches_ddp(runs, tmp_path):
+    """launch/deepspeed/zero3_offload.json: optimizer and parameters offloaded, same first loss."""
+    losses = launch(tmp_path / "offload", "--max-steps", "1", "--save-every", "1", zero="3_offload")
+    assert losses[0]["loss"] == pytest.approx(runs["ddp"][1][0]["loss"], rel=1e-6)
+    assert (tmp_path / "offload" / "checkpoints" / "step-00000001").is_dir()
