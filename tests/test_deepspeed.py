@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from conftest import REPO, free_port, subprocess_env
-from train.embedder import Embedder
-from train.export import export
+from tpembed.train.embedder import Embedder
+from tpembed.train.export import export
 
 pytest.importorskip("deepspeed")
 
@@ -19,20 +19,11 @@ FLAGS = ["--max-steps", "3", "--save-every", "3", "--batch-size", "8", "--query-
 
 
 def launch(run_dir, *extra, zero=None):
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        free_port(),
-    ]
-    if zero:
-        launcher += ["--use_deepspeed", "--deepspeed_config_file", str(REPO / f"launch/deepspeed/zero{zero}.json"),
-                     "--mixed_precision", "no"]  # fmt: skip
-    else:
-        launcher += ["--multi_gpu"]
+    """Launched as the README shows, with the shipped launch file; only the process count (the
+    files say 8 GPUs) and the port change for two CPU processes."""
+    launch_file = f"launch/deepspeed_zero{zero}.yaml" if zero else "launch/multi_gpu.yaml"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch_file,
+                "--num_processes", "2", "--main_process_port", free_port()]  # fmt: skip
     command = [*launcher, str(REPO / "train/stage1.py"), "--config", str(QUICKSTART), "--output-dir", str(run_dir),
                *FLAGS, *extra]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
@@ -77,7 +68,7 @@ def test_zero3_checkpoint_exports_reloads_and_resumes(runs, tmp_path):
 
 
 def test_zero3_with_cpu_offload_matches_ddp(runs, tmp_path):
-    """launch/deepspeed/zero3_offload.json: optimizer and parameters offloaded, same first loss."""
+    """launch/deepspeed_zero3_offload.yaml: optimizer and parameters offloaded, same first loss."""
     losses = launch(tmp_path / "offload", "--max-steps", "1", "--save-every", "1", zero="3_offload")
     assert losses[0]["loss"] == pytest.approx(runs["ddp"][1][0]["loss"], rel=1e-6)
     assert (tmp_path / "offload" / "checkpoints" / "step-00000001").is_dir()

@@ -2,11 +2,12 @@
 
 import json
 import subprocess
+import sys
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, free_port, subprocess_env
 
 LAUNCH = REPO / "launch"
 
@@ -34,3 +35,43 @@ def test_the_readme_shows_a_command_for_each():
 def test_slurm_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(LAUNCH / "slurm_multinode.sh")], check=True)
     assert "--machine_rank" in (LAUNCH / "slurm_multinode.sh").read_text()
+
+
+# every launch file is started by a test, as the README shows it: the DeepSpeed files and
+# multi_gpu.yaml in test_deepspeed.py (with loss checks), the others here
+LAUNCHED_IN_TEST_DEEPSPEED = {"multi_gpu.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
+                              "deepspeed_zero3_offload.yaml"}  # fmt: skip
+# what two CPU processes on one machine need changed in each file, and nothing else
+CPU_OVERRIDES = {
+    "single_gpu.yaml": [],
+    "multi_node.yaml": [
+        "--num_machines",
+        "1",
+        "--num_processes",
+        "2",
+        "--machine_rank",
+        "0",
+        "--main_process_ip",
+        "127.0.0.1",
+    ],  # fmt: skip
+}
+
+
+def test_every_launch_file_is_launched_by_a_test():
+    assert {p.name for p in LAUNCH.glob("*.yaml")} == LAUNCHED_IN_TEST_DEEPSPEED | set(CPU_OVERRIDES)
+    deepspeed_tests = (REPO / "tests" / "test_deepspeed.py").read_text()
+    assert 'f"launch/deepspeed_zero{zero}.yaml"' in deepspeed_tests and '"launch/multi_gpu.yaml"' in deepspeed_tests
+
+
+@pytest.mark.parametrize("name", sorted(CPU_OVERRIDES))
+def test_launch_file_starts_a_run(name, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/{name}",
+               *CPU_OVERRIDES[name], "--main_process_port", free_port(), "train/stage1.py",
+               "--config", "configs/quickstart/stage1.yaml", "--output-dir", str(run_dir), "--max-steps", "2",
+               "--batch-size", "8", "--query-max-len", "32", "--passage-max-len", "48", "--report-to", "none",
+               "--progress-bar", "false"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert (run_dir / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
