@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from data.templates import pack_sequences, pad_sequences
-from modeling import EmbeddingObjective, Encoder, EncoderSpec
-from train.gradcache import cached_micro_step
-from train.loop import micro_step_loss
-from train.telemetry import FlopCounter
+from tpembed.data.templates import pack_sequences, pad_sequences
+from tpembed.modeling import EmbeddingObjective, Encoder, EncoderSpec
+from tpembed.train.gradcache import cached_micro_step
+from tpembed.train.loop import micro_step_loss
+from tpembed.train.telemetry import FlopCounter
 
 QWEN3_0_6B = dict(
     vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -64,7 +64,7 @@ def main():
                 lengths = torch.cat(
                     [
                         b["sequence_lengths"] if packed else b["attention_mask"].sum(1)
-                        for b in (batch["anchors"], batch["candidates"])
+                        for b in (batch.anchors, batch.candidates)
                     ]
                 )
                 torch.cuda.synchronize()

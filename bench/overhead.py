@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from train import build
-from train.config import load_config
-from train.loop import micro_step_loss
+from tpembed.train import build
+from tpembed.train.config import load_config
+from tpembed.train.loop import micro_step_loss
 
 
 def main():

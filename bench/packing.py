@@ -17,9 +17,9 @@ import time
 import torch
 
 from common import scratch_dir
-from train import build
-from train.config import load_config
-from train.loop import micro_step_loss
+from tpembed.train import build
+from tpembed.train.config import load_config
+from tpembed.train.loop import micro_step_loss
 
 
 def skewed_data(path, count=256, seed=0):
@@ -66,7 +66,7 @@ def main():
             optimizer.step()
             optimizer.zero_grad()
             if step >= 2:
-                rates.append(batch["num_tokens"] / (time.perf_counter() - start))
+                rates.append(batch.num_tokens / (time.perf_counter() - start))
         results[packing] = statistics.median(rates)
     print(f"{args.model}, batch 32 x 3 texts, 10% long texts, CPU")
     print(f"padded: {results[False]:8.0f} real tokens/s")

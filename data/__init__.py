@@ -3,10 +3,10 @@
 Imports nothing else of tpembed.
 """
 
-from .batches import BatchBuilder, DatasetSpec, Lengths, StepMicroBatches, text_ids
-from .formats import ClassificationData, DataError, PairData, ReadReport, RetrievalData, Task, read_dataset
-from .sampler import GroupedStepSampler, StepBatch, sampling_probabilities
-from .templates import (
+from tpembed.data.batches import BatchBuilder, DatasetSpec, Lengths, MicroBatch, StepMicroBatches, text_ids
+from tpembed.data.formats import ClassificationData, DataError, PairData, ReadReport, RetrievalData, Task, read_dataset
+from tpembed.data.sampler import GroupedStepSampler, StepBatch, sampling_probabilities
+from tpembed.data.templates import (
     NULL_TEXT,
     QUERY_INSTRUCTION_FORMAT,
     TEMPLATES,
@@ -26,6 +26,7 @@ __all__ = [
     "DatasetSpec",
     "GroupedStepSampler",
     "Lengths",
+    "MicroBatch",
     "PairData",
     "ReadReport",
     "RetrievalData",

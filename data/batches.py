@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .formats import ClassificationData, PairData, RetrievalData, Task
-from .sampler import GroupedStepSampler
-from .templates import TextFormat, tokenize
+from tpembed.data.formats import ClassificationData, PairData, RetrievalData, Task
+from tpembed.data.sampler import GroupedStepSampler
+from tpembed.data.templates import TextFormat, tokenize
 
 _NEGATIVE_STREAM = 2
 
@@ -45,6 +45,28 @@ class DatasetSpec:
     @property
     def task(self) -> Task:
         return self.data.task
+
+
+@dataclass
+class MicroBatch:
+    """One rank's share of one micro-step: two sides of token batches and what the task's loss needs.
+
+    retrieval and classification: `anchors` (n texts) and `candidates` (n groups of
+    [positive, negative_1, ...]); sts: `anchors` the left texts, `candidates` the right ones.
+    """
+
+    task: Task
+    dataset: str
+    step: int
+    anchors: dict[str, torch.Tensor]  # token batch: input_ids, attention_mask (or packed), positions
+    candidates: dict[str, torch.Tensor]
+    scores: torch.Tensor | None = None  # sts: (n,) gold scores
+    anchor_labels: torch.Tensor | None = None  # classification: (n,)
+    candidate_labels: torch.Tensor | None = None  # classification: (n * group,)
+    candidate_text_ids: torch.Tensor | None = None  # retrieval: (n * group,) for the identical-text rule
+    num_examples: int = 0
+    num_tokens: int = 0  # real tokens of both sides, padding excluded
+    squared_lengths: int = 0  # sum of squared text lengths, for the attention FLOPs
 
 
 @dataclass
@@ -101,7 +123,7 @@ class BatchBuilder:
             i: self._group_by_label(spec.data) for i, spec in enumerate(datasets) if spec.task is Task.classification
         }
 
-    def micro_batch(self, step: int, micro_step: int) -> dict:
+    def micro_batch(self, step: int, micro_step: int) -> MicroBatch:
         """Micro-batch `micro_step` of this rank at optimizer step `step`."""
         step_batch = self.sampler.batch_at(step)
         spec = self.datasets[step_batch.dataset]
@@ -109,21 +131,17 @@ class BatchBuilder:
         per_micro = per_rank // self.accumulation_steps
         start = self.rank * per_rank + micro_step * per_micro
         indices = step_batch.indices[start : start + per_micro]
-        if spec.task is Task.retrieval:
-            batch = self._retrieval(spec, step_batch.dataset, step_batch.epoch, indices)
-        elif spec.task is Task.classification:
-            batch = self._classification(spec, step_batch.dataset, step_batch.epoch, indices)
-        else:
-            batch = self._sts(spec, indices)
-        batch.update(step=step, dataset=spec.data.name, num_examples=len(indices))
-        lengths = torch.cat([_lengths(batch[side]) for side in ("anchors", "candidates")])
-        batch["num_tokens"] = int(lengths.sum())  # real tokens, padding excluded
-        batch["squared_lengths"] = int((lengths**2).sum())  # for the attention FLOPs
+        build = {Task.retrieval: self._retrieval, Task.classification: self._classification, Task.sts: self._sts}
+        batch = build[spec.task](spec, step_batch.dataset, step_batch.epoch, indices)
+        lengths = torch.cat([text_lengths(batch.anchors), text_lengths(batch.candidates)])
+        batch.step, batch.dataset, batch.num_examples = step, spec.data.name, len(indices)
+        batch.num_tokens = int(lengths.sum())
+        batch.squared_lengths = int((lengths**2).sum())
         return batch
 
     # ---- per task ------------------------------------------------------------------
 
-    def _retrieval(self, spec: DatasetSpec, dataset: int, epoch: int, indices: np.ndarray) -> dict:
+    def _retrieval(self, spec: DatasetSpec, dataset: int, epoch: int, indices: np.ndarray) -> MicroBatch:
         data: RetrievalData = spec.data
         k = spec.num_hard_negatives
         queries, passages = [], []
@@ -136,12 +154,14 @@ class BatchBuilder:
             positive = positives[int(rng.integers(len(positives)))] if len(positives) > 1 else positives[0]
             group = [positive] + self._draw_negatives(data, index, k, rng)
             passages.extend(self.text_format.pieces(text, None) for text in group)
-        return {
-            "task": Task.retrieval.value,
-            "anchors": self._tokenize(queries, self.lengths.query),
-            "candidates": self._tokenize(passages, self.lengths.passage),
-            "candidate_text_ids": text_ids(["".join(p) for p in passages]),
-        }
+        return MicroBatch(
+            Task.retrieval,
+            spec.data.name,
+            0,
+            anchors=self._tokenize(queries, self.lengths.query),
+            candidates=self._tokenize(passages, self.lengths.passage),
+            candidate_text_ids=text_ids(["".join(p) for p in passages]),
+        )
 
     def _draw_negatives(self, data: RetrievalData, index: int, k: int, rng: np.random.Generator) -> list[str]:
         available = data.negatives[index]
@@ -161,7 +181,7 @@ class BatchBuilder:
                 chosen.append(options[int(rng.integers(len(options)))])
         return chosen
 
-    def _classification(self, spec: DatasetSpec, dataset: int, epoch: int, indices: np.ndarray) -> dict:
+    def _classification(self, spec: DatasetSpec, dataset: int, epoch: int, indices: np.ndarray) -> MicroBatch:
         data: ClassificationData = spec.data
         by_label = self._members_by_label[dataset]
         labels = np.asarray(data.labels)
@@ -184,13 +204,15 @@ class BatchBuilder:
                 member_instruction = data.instructions[member] or spec.instruction
                 candidates.append(self.text_format.pieces(data.texts[member], member_instruction))
                 candidate_labels.append(data.labels[member])
-        return {
-            "task": Task.classification.value,
-            "anchors": self._tokenize(anchors, self.lengths.query),
-            "candidates": self._tokenize(candidates, self.lengths.query),
-            "anchor_labels": torch.tensor(anchor_labels, dtype=torch.long),
-            "candidate_labels": torch.tensor(candidate_labels, dtype=torch.long),
-        }
+        return MicroBatch(
+            Task.classification,
+            spec.data.name,
+            0,
+            anchors=self._tokenize(anchors, self.lengths.query),
+            candidates=self._tokenize(candidates, self.lengths.query),
+            anchor_labels=torch.tensor(anchor_labels, dtype=torch.long),
+            candidate_labels=torch.tensor(candidate_labels, dtype=torch.long),
+        )
 
     @staticmethod
     def _other_same_label(same: np.ndarray, index: int, rng: np.random.Generator) -> int:
@@ -199,7 +221,7 @@ class BatchBuilder:
         member = int(same[position])
         return int(same[-1]) if member == index else member
 
-    def _sts(self, spec: DatasetSpec, indices: np.ndarray) -> dict:
+    def _sts(self, spec: DatasetSpec, dataset: int, epoch: int, indices: np.ndarray) -> MicroBatch:
         data: PairData = spec.data
         pairs = len(data.texts1)
         left, right, scores = [], [], []
@@ -213,12 +235,14 @@ class BatchBuilder:
             left.append(self.text_format.pieces(first, instruction))
             right.append(self.text_format.pieces(second, instruction))
             scores.append(data.scores[pair])
-        return {
-            "task": Task.sts.value,
-            "anchors": self._tokenize(left, self.lengths.query),
-            "candidates": self._tokenize(right, self.lengths.query),
-            "scores": torch.tensor(scores, dtype=torch.float32),
-        }
+        return MicroBatch(
+            Task.sts,
+            spec.data.name,
+            0,
+            anchors=self._tokenize(left, self.lengths.query),
+            candidates=self._tokenize(right, self.lengths.query),
+            scores=torch.tensor(scores, dtype=torch.float32),
+        )
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -236,7 +260,8 @@ class BatchBuilder:
         return {label: np.asarray(members) for label, members in groups.items()}
 
 
-def _lengths(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+def text_lengths(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(texts,) real token counts of a padded or packed token batch."""
     if "attention_mask" in tokens:
         return tokens["attention_mask"].sum(dim=1)
     return tokens["sequence_lengths"]
@@ -263,6 +288,6 @@ class StepMicroBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:  # unbounded in principle; the loop's index range decides
         return 2**62
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> MicroBatch:
         step, micro_step = divmod(index, self.builder.accumulation_steps)
         return self.builder.micro_batch(step, micro_step)

@@ -1,7 +1,7 @@
 """Reading training records: retrieval, sts and classification, from JSONL, parquet
 or a `datasets` dataset saved to disk.
 
-Every source becomes one of three task types (METHOD.md section 3):
+Every source becomes one of three task types (docs/method.md section 3):
 
     retrieval       {"query", "pos", "negs", "instruction"}
     sts             {"text1", "text2", "score", "instruction"}
@@ -14,7 +14,7 @@ booleans 1/0). A record's own `instruction` wins over the dataset's.
 
 Empty texts: an empty query, positive, sts text or classification text is an
 error (a training example without content is almost always a data bug); set
-`allow_empty_text` to render it as "Null" instead (METHOD.md 4.1). Empty hard
+`allow_empty_text` to render it as "Null" instead (docs/method.md 4.1). Empty hard
 negatives are dropped. Any malformed record raises DataError naming the file,
 the line (JSONL) or row (parquet, arrow), and the field.
 """
@@ -78,7 +78,7 @@ class PairData:
     task: Task = Task.sts
 
     def __len__(self) -> int:
-        """Every pair is used in both directions (METHOD.md section 3)."""
+        """Every pair is used in both directions (docs/method.md section 3)."""
         return 2 * len(self.texts1)
 
 
@@ -123,11 +123,17 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
     if path.suffix == ".parquet":
         yield from _iter_parquet(path)
         return
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            location = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    location, None, f"not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1})"
+                ) from None
             if not line.strip():
                 continue
-            location = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:

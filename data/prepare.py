@@ -1,6 +1,6 @@
 """Turn public dataset layouts into tpembed training records.
 
-    python -m data.prepare nli-triplets snli/validation.jsonl out/snli_triplets.jsonl
+    tpembed-prepare nli-triplets snli/validation.jsonl out/snli_triplets.jsonl
 
 nli-triplets: NLI records {premise, hypothesis, label} grouped by premise into
 retrieval records {"query": premise, "pos": [entailed hypotheses],
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from .formats import iter_rows
+from tpembed.data.formats import iter_rows
 
 
 def nli_triplets(source: str | Path, target: str | Path) -> int:
@@ -62,7 +62,7 @@ def drop_empty(source: str | Path, target: str | Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m data.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="tpembed-prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
     triplets = commands.add_parser("nli-triplets", help="NLI pairs -> retrieval triplets grouped by premise")

@@ -2,7 +2,7 @@
 
 Every step takes its whole global batch (all ranks, all accumulation micro-steps)
 from one dataset, so in-batch negatives are same-domain and CoSENT never mixes
-score scales (METHOD.md section 3). Dataset i is picked with probability
+score scales (docs/method.md section 3). Dataset i is picked with probability
 proportional to weight_i * n_i ** alpha; in stage 2 the retrieval datasets
 together receive a share eta_ret of that mass and the rest 1 - eta_ret.
 

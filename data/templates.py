@@ -10,9 +10,9 @@ A text is rendered in three pieces:
     body  = the user's text             <- the only piece truncation shortens
     tail  = template suffix (+ the end-of-text token in stage 1)
 
-Stage 1 (METHOD.md 4.1): query side "Instruct: {instruction}\\nQuery: " + text,
+Stage 1 (docs/method.md 4.1): query side "Instruct: {instruction}\\nQuery: " + text,
 documents raw, the end-of-text token appended as the pooled last token.
-Stage 2 (METHOD.md 4.2):
+Stage 2 (docs/method.md 4.2):
     This sentence: <|im_start|>“{stage-1 formatted text}” means in one word: “
 with U+201C/U+201D quotes; the final “ is the last token.
 
@@ -48,7 +48,7 @@ class Template:
 TEMPLATES = {
     # stage 1: the instruction-formatted text, nothing around it
     "instruction": Template("instruction", "", ""),
-    # stage 2 (METHOD.md 4.2), Token Prepending variant of PromptEOL with curly quotes
+    # stage 2 (docs/method.md 4.2), Token Prepending variant of PromptEOL with curly quotes
     "prompteol": Template("prompteol", "This sentence: {placeholder}\u201c", "\u201d means in one word: \u201c"),
     # PromptEOL as published (Jiang et al. 2023, arXiv 2307.16645), ASCII quotes,
     # with the placeholder slot where the Token Prepending paper puts it

@@ -3,12 +3,12 @@
 Imports neither `data` nor `train` nor accelerate.
 """
 
-from .backbone import QWEN_TOKENIZER, TINY_QWEN3, load_backbone, load_tokenizer
-from .encoder import Encoder, EncoderSpec, read_encoder_spec
-from .head import DEFAULT_MRL_DIMS, MRLHead, validate_mrl_dims
-from .objective import EmbeddingObjective
-from .pooling import Pooling, last_token_positions, pool
-from .token_prepending import TokenPrepending, parse_tp_layers
+from tpembed.modeling.backbone import QWEN_TOKENIZER, TINY_QWEN3, load_backbone, load_tokenizer
+from tpembed.modeling.encoder import Encoder, EncoderSpec, read_encoder_spec
+from tpembed.modeling.head import DEFAULT_MRL_DIMS, MRLHead, validate_mrl_dims
+from tpembed.modeling.objective import EmbeddingObjective
+from tpembed.modeling.pooling import Pooling, last_token_positions, pool
+from tpembed.modeling.token_prepending import TokenPrepending, parse_tp_layers
 
 __all__ = [
     "DEFAULT_MRL_DIMS",

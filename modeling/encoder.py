@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbone import load_backbone
-from .head import DEFAULT_MRL_DIMS, MRLHead, validate_mrl_dims
-from .pooling import Pooling, pool
-from .pooling import last_token_positions as positions_from_mask
-from .token_prepending import TokenPrepending, find_decoder_layers, parse_tp_layers
+from tpembed.modeling.backbone import load_backbone
+from tpembed.modeling.head import DEFAULT_MRL_DIMS, MRLHead
+from tpembed.modeling.pooling import Pooling, pool
+from tpembed.modeling.pooling import last_token_positions as positions_from_mask
+from tpembed.modeling.token_prepending import TokenPrepending, find_decoder_layers, parse_tp_layers
 
 ENCODER_CONFIG_FILE = "tpembed_encoder.json"
 HEAD_WEIGHTS_FILE = "mrl_head.safetensors"
@@ -52,8 +52,7 @@ class Encoder(nn.Module):
         hidden_size = backbone.config.hidden_size
         if spec.output_dim is None:
             self.head = None
-        else:
-            validate_mrl_dims(spec.mrl_dims, spec.output_dim)
+        else:  # spec.mrl_dims were checked where they were chosen: the run's config
             self.head = MRLHead(hidden_size, spec.output_dim, spec.head_bias).to(backbone.dtype)
         self.token_prepending: TokenPrepending | None = None
         self.set_tp_layers(spec.tp_layers)

@@ -18,14 +18,12 @@ from collections.abc import Sequence
 
 import torch
 
-from . import distributed
-from .losses import cosent_loss, info_nce_loss, masked_classification_loss, matryoshka_loss
-
-TASKS = ("retrieval", "sts", "classification")
+from tpembed.modeling import distributed
+from tpembed.modeling.losses import cosent_loss, info_nce_loss, masked_classification_loss, matryoshka_loss
 
 
 class EmbeddingObjective:
-    """Computes the loss of one micro-batch of embeddings.
+    """The loss of one micro-batch of embeddings, one method per task type.
 
     Layouts (rows are local to this rank):
         retrieval / classification: anchors (n, D); candidates (n * g, D) grouped per
@@ -50,29 +48,36 @@ class EmbeddingObjective:
         self.query_query_negatives = query_query_negatives
         self.false_negative_margin = false_negative_margin
 
-    def __call__(
+    def retrieval(
+        self, anchors: torch.Tensor, candidates: torch.Tensor, candidate_text_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """InfoNCE with query-query negatives; returns (weighted Matryoshka loss, {dim: loss})."""
+        return self._contrastive(anchors, candidates, candidate_text_ids=candidate_text_ids)
+
+    def classification(
         self,
-        task: str,
         anchors: torch.Tensor,
         candidates: torch.Tensor,
-        *,
-        scores: torch.Tensor | None = None,
-        anchor_labels: torch.Tensor | None = None,
-        candidate_labels: torch.Tensor | None = None,
-        candidate_text_ids: torch.Tensor | None = None,
+        anchor_labels: torch.Tensor,
+        candidate_labels: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Returns (weighted Matryoshka loss, {dim: loss at that dim})."""
-        if task == "sts":
-            return self._cosent(anchors, candidates, scores)
-        if task == "retrieval":
-            return self._contrastive(anchors, candidates, candidate_text_ids=candidate_text_ids)
-        if task == "classification":
-            if anchor_labels is None or candidate_labels is None:
-                raise ValueError("classification batches need anchor_labels and candidate_labels")
-            return self._contrastive(
-                anchors, candidates, anchor_labels=anchor_labels, candidate_labels=candidate_labels
-            )
-        raise ValueError(f"unknown task type {task!r}; expected one of {', '.join(TASKS)}")
+        """InfoNCE with every same-label candidate masked out of the denominator."""
+        return self._contrastive(anchors, candidates, anchor_labels=anchor_labels, candidate_labels=candidate_labels)
+
+    def sts(
+        self, left: torch.Tensor, right: torch.Tensor, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """CoSENT over every pair of pairs of the gathered batch."""
+        if left.shape[0] != right.shape[0]:
+            raise ValueError(f"sts batch has {left.shape[0]} left and {right.shape[0]} right texts")
+        all_left = distributed.all_gather_with_grad(left)
+        all_right = distributed.all_gather_with_grad(right)
+        all_scores = distributed.all_gather_no_grad(scores)
+
+        def task_loss(left_slice, right_slice):
+            return cosent_loss(left_slice, right_slice, all_scores, self.cosent_temperature)
+
+        return matryoshka_loss(task_loss, [all_left, all_right], self.mrl_dims, self.mrl_weights)
 
     def _contrastive(
         self,
@@ -128,17 +133,3 @@ class EmbeddingObjective:
 
         tensors = [anchors, all_candidates] + ([all_anchors] if all_anchors is not None else [])
         return matryoshka_loss(task_loss, tensors, self.mrl_dims, self.mrl_weights)
-
-    def _cosent(self, left: torch.Tensor, right: torch.Tensor, scores: torch.Tensor | None):
-        if scores is None:
-            raise ValueError("sts batches need scores")
-        if left.shape[0] != right.shape[0]:
-            raise ValueError(f"sts batch has {left.shape[0]} left and {right.shape[0]} right texts")
-        all_left = distributed.all_gather_with_grad(left)
-        all_right = distributed.all_gather_with_grad(right)
-        all_scores = distributed.all_gather_no_grad(scores)
-
-        def task_loss(left_slice, right_slice):
-            return cosent_loss(left_slice, right_slice, all_scores, self.cosent_temperature)
-
-        return matryoshka_loss(task_loss, [all_left, all_right], self.mrl_dims, self.mrl_weights)

@@ -56,14 +56,19 @@ def parse_tp_layers(spec: str | Iterable[int] | None, num_layers: int | None = N
         layers = [int(x) for x in spec]
     if any(layer < 0 for layer in layers):
         raise ValueError(f"tp_layers {spec!r}: layer indices are 0-based and non-negative")
-    if num_layers is not None:
-        outside = [layer for layer in layers if layer >= num_layers]
-        if outside:
-            raise ValueError(
-                f"tp_layers {spec!r}: layer {outside[0]} is outside the model, which has "
-                f"{num_layers} decoder layers (valid indices 0-{num_layers - 1})"
-            )
-    return tuple(sorted(set(layers)))
+    layers = tuple(sorted(set(layers)))
+    return layers if num_layers is None else check_layer_range(layers, num_layers)
+
+
+def check_layer_range(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """`layers`, if every one is a layer of a model with `num_layers` decoder layers."""
+    outside = [layer for layer in layers if layer >= num_layers]
+    if outside:
+        raise ValueError(
+            f"tp_layers {format_tp_layers(layers)!r}: layer {outside[0]} is outside the model, which has "
+            f"{num_layers} decoder layers (valid indices 0-{num_layers - 1})"
+        )
+    return tuple(layers)
 
 
 def format_tp_layers(layers: Sequence[int]) -> str:
@@ -133,7 +138,7 @@ class TokenPrepending:
         if self.attached:
             raise RuntimeError("Token Prepending is already attached; remove() it first")
         decoder_layers = find_decoder_layers(model)
-        parse_tp_layers(self.layers, len(decoder_layers))
+        check_layer_range(self.layers, len(decoder_layers))
         for index, layer in enumerate(decoder_layers):
             self._handles.append(layer.register_forward_pre_hook(self._make_hook(index), with_kwargs=True))
         return self

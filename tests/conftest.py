@@ -23,7 +23,6 @@ torch.set_flush_denormal(True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(REPO))
 
 
 def free_port() -> str:
@@ -38,14 +37,13 @@ def free_port() -> str:
 def subprocess_env() -> dict:
     """Environment for child processes: the same cache and thread settings."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_session():
-    from modeling import QWEN_TOKENIZER, load_tokenizer
+    from tpembed.modeling import QWEN_TOKENIZER, load_tokenizer
 
     return load_tokenizer(QWEN_TOKENIZER)
 
@@ -57,7 +55,7 @@ def qwen_tokenizer(qwen_tokenizer_session):
 
 @pytest.fixture(scope="session")
 def tiny_backbone_session():
-    from modeling import TINY_QWEN3, load_backbone
+    from tpembed.modeling import TINY_QWEN3, load_backbone
 
     return load_backbone(TINY_QWEN3, seed=0).eval()
 
@@ -69,7 +67,7 @@ def tiny_backbone(tiny_backbone_session):
 
 @pytest.fixture
 def tiny_encoder(tiny_backbone):
-    from modeling import Encoder, EncoderSpec
+    from tpembed.modeling import Encoder, EncoderSpec
 
     torch.manual_seed(0)
     return Encoder(tiny_backbone, EncoderSpec(output_dim=1792)).eval()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.config import ConfigError, leaf_fields, load_config, load_saved_config, save_config
+from tpembed.train.config import ConfigError, leaf_fields, load_config, load_saved_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 # run configs; configs/eval/ holds evaluation task files (checked in test_eval.py)

@@ -73,7 +73,7 @@ def test_two_processes_match_one(tmp_path, mode):
 
 @pytest.mark.parametrize("world", [1])
 def test_gather_is_a_no_op_without_a_process_group(world):
-    from modeling import distributed
+    from tpembed.modeling import distributed
 
     x = torch.randn(3, 2, requires_grad=True)
     assert distributed.all_gather_with_grad(x) is x

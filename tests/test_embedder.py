@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from data import TEMPLATES, TextFormat, tokenize
-from modeling import TINY_QWEN3, load_backbone
-from modeling.backbone import tiny_qwen3_config
-from train.embedder import Embedder
+from tpembed.data import TEMPLATES, TextFormat, tokenize
+from tpembed.modeling import TINY_QWEN3, load_backbone
+from tpembed.modeling.backbone import tiny_qwen3_config
+from tpembed.train.embedder import Embedder
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import REPO, SHARED_DATA, run_script
-from train.config import EvalTaskConfig, load_eval_tasks
-from train.eval import evaluate, main, write_results
-from train.metrics import mrr_at_k, ndcg_at_k, recall_at_k, retrieval_scores, spearman
+from tpembed.train.config import EvalTaskConfig, load_eval_tasks
+from tpembed.train.eval import evaluate, main, write_results
+from tpembed.train.metrics import mrr_at_k, ndcg_at_k, recall_at_k, retrieval_scores, spearman
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the workplace's ../shared/data is not present")
 

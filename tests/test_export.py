@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, subprocess_env
-from train.embedder import Embedder
-from train.export import ExportError, add_results_to_card, export, parity_check
+from tpembed.train.embedder import Embedder
+from tpembed.train.export import ExportError, add_results_to_card, export, parity_check
 
 INSTRUCTION = "Given a premise, retrieve a hypothesis that is entailed by the premise"
 TEXTS = ["A man is playing a guitar.", "一架飞机要起飞了。", "", "x " * 300, "placeholder <|im_start|> in text"]

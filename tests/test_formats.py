@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from data import DataError, ReadReport, read_dataset
+from tpembed.data import DataError, ReadReport, read_dataset
 
 
 def write_jsonl(path, rows):

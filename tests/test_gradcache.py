@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import REPO
-from data import TEMPLATES, BatchBuilder, DatasetSpec, GroupedStepSampler, Lengths, TextFormat, read_dataset
-from modeling import EmbeddingObjective
-from train.gradcache import cached_micro_step, split_rows, take_rows
-from train.loop import micro_step_loss
+from tpembed.data import TEMPLATES, BatchBuilder, DatasetSpec, GroupedStepSampler, Lengths, TextFormat, read_dataset
+from tpembed.modeling import EmbeddingObjective
+from tpembed.train.gradcache import cached_micro_step, split_rows, take_rows
+from tpembed.train.loop import micro_step_loss
 
 SAMPLES = REPO / "data" / "samples"
 DATA = {
@@ -75,7 +75,7 @@ def test_gradcache_equals_plain_backward(task, tp, split, tiny_encoder, qwen_tok
 
 def test_dropout_masks_are_replayed(tiny_backbone, qwen_tokenizer):
     """With dropout on, each re-embedded mini-batch equals its first (no-graph) embedding."""
-    from modeling import Encoder, EncoderSpec
+    from tpembed.modeling import Encoder, EncoderSpec
 
     backbone = copy.deepcopy(tiny_backbone)
     for module in backbone.modules():
@@ -98,11 +98,11 @@ def test_dropout_masks_are_replayed(tiny_backbone, qwen_tokenizer):
     assert half >= 2
     for first, again in zip(outputs[:half], outputs[half:]):
         torch.testing.assert_close(again, first, rtol=0, atol=0)
-    assert not torch.allclose(outputs[0], original(**take_rows(batch["anchors"], range(0, 4), "left")), atol=1e-6)
+    assert not torch.allclose(outputs[0], original(**take_rows(batch.anchors, range(0, 4), "left")), atol=1e-6)
 
 
 def test_token_budget_split_keeps_rows_and_positions(qwen_tokenizer):
-    batch = make_batch("retrieval", qwen_tokenizer, tp=True)["candidates"]
+    batch = make_batch("retrieval", qwen_tokenizer, tp=True).candidates
     chunks = split_rows(batch["attention_mask"].sum(1), None, 100)
     assert [i for rows in chunks for i in rows] == list(range(batch["input_ids"].shape[0]))
     for rows in chunks:

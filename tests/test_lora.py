@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, run_script
-from modeling import Encoder
-from train.embedder import Embedder
-from train.export import export
+from tpembed.modeling import Encoder
+from tpembed.train.embedder import Embedder
+from tpembed.train.export import export
 
 PLACEHOLDER_ID = 151646  # "<|tp_added|>", the first token added after Qwen's three specials
 

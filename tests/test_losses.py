@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from modeling.losses import cosent_loss, info_nce_loss, masked_classification_loss, matryoshka_loss
+from tpembed.modeling.losses import cosent_loss, info_nce_loss, masked_classification_loss, matryoshka_loss
 
 
 def cos(a, b):
@@ -13,7 +13,7 @@ def cos(a, b):
 
 
 def naive_info_nce(queries, passages, group, tau, query_query=True, removed=lambda i, kind, j: False):
-    """The METHOD.md section 6 formula, written as loops over anchors and candidates."""
+    """The docs/method.md section 6 formula, written as loops over anchors and candidates."""
     total = 0.0
     n = len(queries)
     for i in range(n):

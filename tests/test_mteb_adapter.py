@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from train.embedder import Embedder
-from train.mteb_adapter import DEFAULT_INSTRUCTIONS, TPEmbedMTEBModel
+from tpembed.train.embedder import Embedder
+from tpembed.train.mteb_adapter import DEFAULT_INSTRUCTIONS, TPEmbedMTEBModel
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import REPO
-from data import TEMPLATES, BatchBuilder, DatasetSpec, GroupedStepSampler, Lengths, TextFormat, read_dataset
-from modeling import EmbeddingObjective
-from train import build
-from train.config import load_config
-from train.gradcache import cached_micro_step
-from train.loop import micro_step_loss
+from tpembed.data import TEMPLATES, BatchBuilder, DatasetSpec, GroupedStepSampler, Lengths, TextFormat, read_dataset
+from tpembed.modeling import EmbeddingObjective
+from tpembed.train import build
+from tpembed.train.config import load_config
+from tpembed.train.gradcache import cached_micro_step
+from tpembed.train.loop import micro_step_loss
 
 
 def builders(tokenizer, tp):
@@ -36,15 +36,17 @@ def test_packed_equals_padded(tiny_encoder, qwen_tokenizer, tp):
         tiny_encoder.set_tp_layers("1-7")
     padded_builder, packed_builder = builders(qwen_tokenizer, tp)
     padded, packed = padded_builder.micro_batch(0, 0), packed_builder.micro_batch(0, 0)
-    assert packed["anchors"]["input_ids"].shape[0] == 1 and "attention_mask" not in packed["anchors"]
+    assert packed.anchors["input_ids"].shape[0] == 1 and "attention_mask" not in packed.anchors
     assert (
-        packed["num_tokens"]
-        == padded["num_tokens"]
-        == packed["anchors"]["input_ids"].shape[1] + packed["candidates"]["input_ids"].shape[1]
+        packed.num_tokens
+        == padded.num_tokens
+        == packed.anchors["input_ids"].shape[1] + packed.candidates["input_ids"].shape[1]
     )
     with torch.no_grad():
         for side in ("anchors", "candidates"):
-            torch.testing.assert_close(tiny_encoder(**packed[side]), tiny_encoder(**padded[side]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                tiny_encoder(**getattr(packed, side)), tiny_encoder(**getattr(padded, side)), atol=1e-5, rtol=1e-5
+            )
     objective = EmbeddingObjective(mrl_dims=[64, 1792], temperature=0.05)
     padded_loss, _ = micro_step_loss(tiny_encoder, objective, padded, "cpu")
     packed_loss, _ = micro_step_loss(tiny_encoder, objective, packed, "cpu")

@@ -3,8 +3,8 @@
 import pytest
 
 from conftest import REPO, SHARED_DATA
-from train.config import STAGE_DEFAULTS, load_config
-from train.pipeline import RECIPES
+from tpembed.train.config import STAGE_DEFAULTS, load_config
+from tpembed.train.pipeline import RECIPES
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

@@ -8,10 +8,10 @@ import sys
 import torch
 
 from conftest import REPO, subprocess_env
-from modeling import Encoder
-from train import build
-from train.checkpoint import complete_checkpoints
-from train.config import load_config
+from tpembed.modeling import Encoder
+from tpembed.train import build
+from tpembed.train.checkpoint import complete_checkpoints
+from tpembed.train.config import load_config
 
 QUICKSTART = REPO / "configs" / "quickstart" / "stage1.yaml"
 

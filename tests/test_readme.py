@@ -1,12 +1,12 @@
 """The README's promises that can be checked here."""
 
 from conftest import REPO
-from train.config import reference_markdown
+from tpembed.train.config import reference_markdown
 
 
 def test_config_reference_is_current():
-    readme = (REPO / "README.md").read_text()
-    assert reference_markdown() in readme, "regenerate the README table with: python -m train.config"
+    reference = (REPO / "docs" / "configuration.md").read_text()
+    assert reference_markdown() in reference, "regenerate the table with: python -m tpembed.train.config"
 
 
 def test_ci_runs_the_readme_test_command():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO, subprocess_env
-from modeling import Encoder
-from train.checkpoint import (
+from tpembed.modeling import Encoder
+from tpembed.train.checkpoint import (
     COMPLETE,
     complete_checkpoints,
     latest_checkpoint,
@@ -128,6 +128,6 @@ def test_optimizer_state_is_loaded_without_pickle(tmp_path):
 
 
 def test_remote_code_is_off_by_default():
-    from train.config import Config
+    from tpembed.train.config import Config
 
     assert Config().model.trust_remote_code is False

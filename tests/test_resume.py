@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import REPO, free_port, subprocess_env
-from train.checkpoint import complete_checkpoints, latest_checkpoint
+from tpembed.train.checkpoint import complete_checkpoints, latest_checkpoint
 
 STAGE1 = REPO / "configs/quickstart/stage1.yaml"
 STAGE2 = REPO / "configs/quickstart/stage2.yaml"

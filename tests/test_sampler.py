@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from data import (
+from tpembed.data import (
     BatchBuilder,
     DatasetSpec,
     GroupedStepSampler,
@@ -126,7 +126,7 @@ def make_builder(specs, tokenizer, world_size=1, rank=0, accumulation=1, fallbac
 
 
 def decoded_queries(batch, tokenizer):
-    anchors = batch["anchors"]
+    anchors = batch.anchors
     return [tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(anchors["input_ids"], anchors["attention_mask"])]
 
 
@@ -136,7 +136,7 @@ def test_ranks_share_the_dataset_and_split_the_global_batch(two_datasets, qwen_t
     for step in range(12):
         whole = single.micro_batch(step, 0)
         parts = [ranks[r].micro_batch(step, m) for r in range(2) for m in range(2)]
-        assert {p["dataset"] for p in parts} == {whole["dataset"]}
+        assert {p.dataset for p in parts} == {whole.dataset}
         assert sum((decoded_queries(p, qwen_tokenizer) for p in parts), []) == decoded_queries(whole, qwen_tokenizer)
 
 
@@ -145,7 +145,7 @@ def test_hard_negatives_are_drawn_reproducibly_and_change_per_epoch(two_datasets
     again = make_builder(two_datasets, qwen_tokenizer)
     for step in range(6):
         a, b = builder.micro_batch(step, 0), again.micro_batch(step, 0)
-        assert a["candidates"]["input_ids"].equal(b["candidates"]["input_ids"])
+        assert a.candidates["input_ids"].equal(b.candidates["input_ids"])
     # record 0 of dataset b has 6 negatives: its 4 drawn ones differ between epochs
     rng_epoch0 = builder._example_rng(1, 0, 0)
     rng_epoch1 = builder._example_rng(1, 1, 0)

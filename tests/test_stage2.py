@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import REPO
-from data import Task
-from modeling import Encoder, read_encoder_spec
-from train import build
-from train.config import STAGE_DEFAULTS, ConfigError, load_config
-from train.embedder import Embedder
+from tpembed.data import Task
+from tpembed.modeling import Encoder, read_encoder_spec
+from tpembed.train import build
+from tpembed.train.config import STAGE_DEFAULTS, ConfigError, load_config
+from tpembed.train.embedder import Embedder
 
 STAGE2 = REPO / "configs" / "quickstart" / "stage2.yaml"
 
@@ -39,7 +39,7 @@ def test_stage2_starts_from_stage1_weights_with_tp_active(quickstart_stage1, tmp
     specs, _ = build.build_datasets(config, text.text_format)
     batches = build.build_batches(config, specs, build.build_sampler(config, specs), text, 1, 0)
     batch = batches.micro_batch(0, 0)
-    anchors = batch["anchors"]
+    anchors = batch.anchors
     assert (
         anchors["input_ids"][torch.arange(len(anchors["input_ids"])), anchors["placeholder_positions"]] == 151644
     ).all()
@@ -85,12 +85,12 @@ def test_stage2_sampler_never_mixes_datasets_and_respects_eta(quickstart_stage1,
     assert sampler.probabilities[retrieval].sum() == pytest.approx(0.72)
     builders = [build.build_batches(config, specs, sampler, text, 2, rank) for rank in range(2)]
     for step in range(24):
-        names = {b.micro_batch(step, 0)["dataset"] for b in builders}
+        names = {b.micro_batch(step, 0).dataset for b in builders}
         assert names == {specs[sampler.dataset_at(step)].data.name}
 
 
 def test_sts_pairs_are_used_in_both_directions(qwen_tokenizer, tmp_path):
-    from data import BatchBuilder, DatasetSpec, GroupedStepSampler, Lengths, TextFormat, read_dataset
+    from tpembed.data import BatchBuilder, DatasetSpec, GroupedStepSampler, Lengths, TextFormat, read_dataset
 
     path = tmp_path / "pairs.jsonl"
     path.write_text(
@@ -106,16 +106,16 @@ def test_sts_pairs_are_used_in_both_directions(qwen_tokenizer, tmp_path):
     def decode(side):
         return [
             qwen_tokenizer.decode(ids[m.bool()])
-            for ids, m in zip(batch[side]["input_ids"], batch[side]["attention_mask"])
+            for ids, m in zip(getattr(batch, side)["input_ids"], getattr(batch, side)["attention_mask"])
         ]
 
     pairs = set(zip(decode("anchors"), decode("candidates")))
     assert pairs == {("alpha", "beta"), ("beta", "alpha"), ("gamma", "delta"), ("delta", "gamma")}
-    assert sorted(batch["scores"].tolist()) == [0.0, 0.0, 1.0, 1.0]
+    assert sorted(batch.scores.tolist()) == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_classification_examples_follow_labels(qwen_tokenizer, tmp_path):
-    from data import BatchBuilder, DatasetSpec, GroupedStepSampler, Lengths, TextFormat, read_dataset
+    from tpembed.data import BatchBuilder, DatasetSpec, GroupedStepSampler, Lengths, TextFormat, read_dataset
 
     rows = [{"text": f"{label}{i}", "label": label} for label in "abc" for i in range(4)]
     path = tmp_path / "c.jsonl"
@@ -132,16 +132,15 @@ def test_classification_examples_follow_labels(qwen_tokenizer, tmp_path):
     )
     batch = builder.micro_batch(0, 0)
     anchors = [
-        qwen_tokenizer.decode(i[m.bool()])
-        for i, m in zip(batch["anchors"]["input_ids"], batch["anchors"]["attention_mask"])
+        qwen_tokenizer.decode(i[m.bool()]) for i, m in zip(batch.anchors["input_ids"], batch.anchors["attention_mask"])
     ]
     candidates = [
         qwen_tokenizer.decode(i[m.bool()])
-        for i, m in zip(batch["candidates"]["input_ids"], batch["candidates"]["attention_mask"])
+        for i, m in zip(batch.candidates["input_ids"], batch.candidates["attention_mask"])
     ]
-    labels = batch["candidate_labels"].view(6, 3)
+    labels = batch.candidate_labels.view(6, 3)
     for row, anchor in enumerate(anchors):
         positive, *negatives = candidates[3 * row : 3 * row + 3]
         assert positive[0] == anchor[0] and positive != anchor
         assert all(n[0] != anchor[0] for n in negatives)
-        assert labels[row, 0] == batch["anchor_labels"][row] and (labels[row, 1:] != batch["anchor_labels"][row]).all()
+        assert labels[row, 0] == batch.anchor_labels[row] and (labels[row, 1:] != batch.anchor_labels[row]).all()

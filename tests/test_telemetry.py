@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from modeling.backbone import tiny_qwen3_config
-from train.loop import _Window
-from train.telemetry import FlopCounter, device_peak_tflops
+from tpembed.modeling.backbone import tiny_qwen3_config
+from tpembed.train.events import ThroughputWindow as _Window
+from tpembed.train.telemetry import FlopCounter, device_peak_tflops
 
 
 def test_parameters_per_token_equal_the_decoder_matmul_weights(tiny_backbone):

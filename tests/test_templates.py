@@ -2,7 +2,7 @@
 
 import pytest
 
-from data import TEMPLATES, TextFormat, tokenize
+from tpembed.data import TEMPLATES, TextFormat, tokenize
 
 INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
@@ -72,7 +72,7 @@ def test_templates_are_registered():
     assert set(TEMPLATES) >= {"instruction", "prompteol", "prompteol_original"}
 
 
-# ---- stage 2: PromptEOL + instruction + placeholder (METHOD.md 4.2) ----------------
+# ---- stage 2: PromptEOL + instruction + placeholder (docs/method.md 4.2) ----------------
 
 STAGE2 = TextFormat(template=TEMPLATES["prompteol"], placeholder="<|im_start|>", append_eos=False)
 
@@ -125,7 +125,7 @@ def test_placeholder_inside_user_text_is_removed(qwen_tokenizer):
 
 
 def test_a_sequence_without_exactly_one_placeholder_is_refused(qwen_tokenizer):
-    from data.templates import pad_sequences
+    from tpembed.data.templates import pad_sequences
 
     with pytest.raises(ValueError, match="exactly once"):
         pad_sequences([[1, 151644, 2, 151644]], 0, "left", placeholder_id=151644)

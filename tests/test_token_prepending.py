@@ -6,8 +6,8 @@ from torch import nn
 from transformers import AutoModel, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 from transformers.masking_utils import create_causal_mask
 
-from modeling.backbone import enable_activation_checkpointing
-from modeling.token_prepending import TokenPrepending, format_tp_layers, parse_tp_layers
+from tpembed.modeling.backbone import enable_activation_checkpointing
+from tpembed.modeling.token_prepending import TokenPrepending, format_tp_layers, parse_tp_layers
 
 SMALL = dict(
     vocab_size=300,

@@ -9,10 +9,10 @@ import sys
 import pytest
 
 from conftest import REPO, subprocess_env
-from data import DataError
-from train.config import STAGE_DEFAULTS, ConfigError, load_config
-from train.loop import train
-from train.validate import validate_run
+from tpembed.data import DataError
+from tpembed.train.config import STAGE_DEFAULTS, ConfigError, load_config
+from tpembed.train.loop import train
+from tpembed.train.validate import validate_run
 
 QUICKSTART = REPO / "configs/quickstart/stage1.yaml"
 
@@ -119,14 +119,14 @@ def test_placeholder_inside_user_text_is_reported_and_removed(guarded, tmp_path,
     )  # fmt: skip
     lines = validate_run(config)
     assert any(f"{path}:2 (query) contains the placeholder '<|im_start|>'" in line for line in lines), lines
-    from train import build
+    from tpembed.train import build
 
     text = build.build_text(config, build.init_source(config)[0])
     specs, _ = build.build_datasets(config, text.text_format)
     batch = build.build_batches(config, specs, build.build_sampler(config, specs), text, 1, 0)._retrieval(
         specs[0], 0, 0, [1]
     )
-    ids = batch["anchors"]["input_ids"][0].tolist()
+    ids = batch.anchors["input_ids"][0].tolist()
     assert ids.count(151644) == 1, "exactly one placeholder: the one in the template"
 
 
@@ -182,12 +182,12 @@ def test_a_fresh_run_refuses_a_directory_with_checkpoints(guarded):
 
 
 def test_validate_command(tmp_path):
-    good = subprocess.run([sys.executable, "-m", "train.validate", "--config", str(QUICKSTART)], cwd=REPO,
+    good = subprocess.run([sys.executable, "-m", "tpembed.train.validate", "--config", str(QUICKSTART)], cwd=REPO,
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert good.returncode == 0, good.stderr[-3000:]
     assert "valid:" in good.stdout and "snli_triplets_en: retrieval, 640 examples" in good.stdout
     path = write(tmp_path / "bad.jsonl", [GOOD, '{"query": 1, "pos": "p"}'])
-    command = [sys.executable, "-m", "train.validate", "--config", str(QUICKSTART), "--train-files", str(path)]
+    command = [sys.executable, "-m", "tpembed.train.validate", "--config", str(QUICKSTART), "--train-files", str(path)]
     bad = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
     assert f"invalid: {path}:2: field 'query': expected a string, got int" in bad.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from data import (
+from tpembed.data import (
     TEMPLATES,
     BatchBuilder,
     DatasetSpec,
@@ -22,12 +22,12 @@ from data import (
     read_dataset,
     sampling_probabilities,
 )
-from modeling import EmbeddingObjective, Encoder, EncoderSpec, load_backbone, load_tokenizer, parse_tp_layers
-from modeling.backbone import backbone_config
-from modeling.encoder import read_encoder_spec
-
-from .checkpoint import MODEL_DIR, resolve_checkpoint
-from .config import Config, ConfigError, DatasetConfig, load_saved_config
+from tpembed.modeling import EmbeddingObjective, Encoder, EncoderSpec, load_backbone, load_tokenizer
+from tpembed.modeling.backbone import backbone_config
+from tpembed.modeling.encoder import read_encoder_spec
+from tpembed.modeling.token_prepending import check_layer_range, format_tp_layers
+from tpembed.train.checkpoint import MODEL_DIR, resolve_checkpoint
+from tpembed.train.config import Config, ConfigError, DatasetConfig, flatten, load_saved_config, to_dict
 
 logger = logging.getLogger("tpembed")
 
@@ -43,6 +43,8 @@ def init_source(config: Config) -> tuple[Path, Config] | None:
     """Stage 2: the stage-1 checkpoint in `model.init_from` and its config, validated."""
     if not config.model.init_from:
         return None
+    if not Path(config.model.init_from).exists():
+        raise ConfigError(f"model.init_from: {config.model.init_from} does not exist")
     try:
         checkpoint = resolve_checkpoint(config.model.init_from)
         model_dir = checkpoint / MODEL_DIR
@@ -58,6 +60,65 @@ def init_source(config: Config) -> tuple[Path, Config] | None:
     return model_dir, source_config
 
 
+@dataclass
+class RunSetup:
+    """Everything a run builds before its model: the start-up that training and `validate` share."""
+
+    model_dir: Path | None  # weights to start from: the resumed checkpoint's, the stage-1 model's, or none
+    init_config: Config | None  # the stage-1 run's config, when starting stage 2 from it
+    text: TextSetup
+    tp_layers: tuple[int, ...]  # checked against the backbone's layer count
+    specs: list[DatasetSpec]
+    report: ReadReport
+    sampler: GroupedStepSampler
+    batches: BatchBuilder
+
+
+def setup_run(config: Config, resume: Path | None = None, num_processes: int = 1, rank: int = 0) -> RunSetup:
+    """Tokenizer, template, Token Prepending layers, every dataset (validated record by record),
+    length checks, the sampler and this rank's batch builder."""
+    init = init_source(config) if resume is None else None
+    model_dir = resume / MODEL_DIR if resume else (init[0] if init else None)
+    text = build_text(config, model_dir)
+    tp_layers = check_tp_layers(config, model_dir)
+    specs, report = build_datasets(config, text.text_format)
+    check_lengths(config, specs, text)
+    sampler = build_sampler(config, specs)
+    batches = build_batches(config, specs, sampler, text, num_processes, rank)
+    return RunSetup(model_dir, init[1] if init else None, text, tp_layers, specs, report, sampler, batches)
+
+
+def describe(run: RunSetup, config: Config) -> list[str]:
+    """What the run will do, and what reading the data changed (start-up log, `validate`)."""
+    fmt = run.text.text_format
+    lines = [
+        f"stage {config.train.stage}: template {config.data.template}, placeholder {fmt.placeholder}, "
+        f"Token Prepending layers {format_tp_layers(run.tp_layers)}"
+    ]
+    if run.init_config is not None:
+        lines.append(f"starts from the stage-1 checkpoint {run.model_dir.parent}")
+        before, after = flatten(to_dict(run.init_config)), flatten(to_dict(config))
+        changed = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
+        lines.append(f"config values that differ from the stage-1 run ({len(changed)}):")
+        lines += [f"  {key}: {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items())]
+    for spec, probability in zip(run.specs, run.sampler.probabilities):
+        lines.append(
+            f"  {spec.data.name}: {spec.task.value}, {len(spec.data)} examples, global batch {spec.batch_size}, "
+            f"picked at {probability:.1%} of steps"
+        )
+    report = run.report
+    if report.dropped_empty_negatives:
+        lines.append(f"warning: {report.dropped_empty_negatives} empty hard negatives will be dropped")
+    if report.dropped_singleton_labels:
+        lines.append(f"warning: {report.dropped_singleton_labels} classification texts have a label of their own")
+    for location in report.placeholder_in_text:
+        lines.append(
+            f"warning: {location} contains the placeholder {fmt.placeholder!r}; it is removed from the text when "
+            "rendered"
+        )
+    return lines
+
+
 def build_text(config: Config, model_dir: Path | None = None) -> TextSetup:
     """Tokenizer (from `model_dir` when continuing a checkpoint) and the text format.
 
@@ -68,7 +129,6 @@ def build_text(config: Config, model_dir: Path | None = None) -> TextSetup:
     source = str(model_dir) if model_dir else (config.model.tokenizer or config.model.name_or_path)
     tokenizer = load_tokenizer(source, config.model.padding_side, config.model.trust_remote_code)
     template = TEMPLATES[config.data.template]
-    tp_layers = parse_tp_layers(config.tp.tp_layers)
     placeholder, added = None, False
     if template.has_placeholder_slot:
         try:
@@ -78,9 +138,10 @@ def build_text(config: Config, model_dir: Path | None = None) -> TextSetup:
                 f"tp.placeholder_token: {error} ({source}); set tp.add_placeholder: true to add it, "
                 "or choose a token it has"
             ) from None
-    elif tp_layers:
+    elif config.tp.tp_layers:
         raise ConfigError(
-            f"tp.tp_layers: Token Prepending at layers {config.tp.tp_layers} needs a template with a placeholder "
+            f"tp.tp_layers: Token Prepending at layers {format_tp_layers(config.tp.tp_layers)} needs a template "
+            "with a placeholder "
             f"(data.template: prompteol), but data.template is {config.data.template!r}"
         )
     text_format = TextFormat(
@@ -92,13 +153,21 @@ def build_text(config: Config, model_dir: Path | None = None) -> TextSetup:
     return TextSetup(tokenizer, text_format, added)
 
 
-def build_encoder(config: Config, text: TextSetup, model_dir: Path | None = None, resuming: bool = False) -> Encoder:
+def build_encoder(
+    config: Config,
+    text: TextSetup,
+    model_dir: Path | None = None,
+    resuming: bool = False,
+    tp_layers: tuple[int, ...] | None = None,
+) -> Encoder:
     """A fresh encoder (stage 1) or one continued from `model_dir` (stage 2, resume).
 
-    With LoRA, a resumed run keeps its adapter trainable; a stage-2 run merges a stage-1
-    adapter into the weights and trains a fresh one on top."""
+    `tp_layers` are the checked layers of `setup_run` (checked here when None). With LoRA,
+    a resumed run keeps its adapter trainable; a stage-2 run merges a stage-1 adapter into
+    the weights and trains a fresh one on top."""
     model = config.model
-    tp_layers = check_tp_layers(config, model_dir)
+    if tp_layers is None:
+        tp_layers = check_tp_layers(config, model_dir)
     if model_dir is not None:
         encoder = Encoder.from_pretrained(
             model_dir,
@@ -143,12 +212,12 @@ def build_encoder(config: Config, text: TextSetup, model_dir: Path | None = None
     return encoder
 
 
-def check_tp_layers(config: Config, model_dir: Path | None = None) -> list[int]:
+def check_tp_layers(config: Config, model_dir: Path | None = None) -> tuple[int, ...]:
     """The TP layer set, checked against the backbone's layer count (read from its config only)."""
     source = str(model_dir) if model_dir else config.model.name_or_path
     num_layers = backbone_config(source, config.model.trust_remote_code).num_hidden_layers
     try:
-        return list(parse_tp_layers(config.tp.tp_layers, num_layers))
+        return check_layer_range(config.tp.tp_layers, num_layers)
     except ValueError as error:
         raise ConfigError(f"tp.tp_layers (--tp-layers): {error}") from None
 

@@ -63,8 +63,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory (-> its newest complete checkpoint) or a checkpoint directory."""
+    """A run directory (-> its newest complete checkpoint), a checkpoint directory, or a
+    checkpoint's model/ folder (-> that checkpoint)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.name == MODEL_DIR and (path.parent / COMPLETE).is_file():
+        path = path.parent
     if (path / COMPLETE).is_file():
         return path
     if (path / CHECKPOINTS).is_dir():
@@ -83,17 +88,17 @@ def save_checkpoint(
     step: int,
     *,
     write_model,
-    optimizer,
-    scheduler,
+    write_optimizer,
     trainer_state: dict,
     config_yaml: str,
-    deepspeed_engine=None,
 ) -> Path:
     """Write checkpoint `step` atomically; every process must call this.
 
     Args:
-        write_model: called on the main process with the directory to write the
-            encoder into (after every process joined, so gathered weights are ready).
+        write_model: called on every process with the directory to write the encoder
+            into (after every process joined; the main process writes).
+        write_optimizer: called on every process with the checkpoint directory
+            (the engine's optimizer and scheduler state).
         trainer_state: JSON-able state (step, sampler, counters).
     """
     root = Path(run_dir) / CHECKPOINTS
@@ -108,11 +113,8 @@ def save_checkpoint(
 
     write_model(staging / MODEL_DIR)
     torch.save(rng_state(), staging / "rng" / f"rank-{accelerator.process_index:05d}.pt")
-    if deepspeed_engine is not None:  # every rank writes its partition
-        deepspeed_engine.save_checkpoint(str(staging / DEEPSPEED_DIR), tag="state", save_latest=False)
+    write_optimizer(staging)
     if accelerator.is_main_process:
-        optimizer_state = None if deepspeed_engine is not None else optimizer.state_dict()
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, staging / "optimizer.pt")
         (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
         (staging / "config.yaml").write_text(config_yaml)
     accelerator.wait_for_everyone()

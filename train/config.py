@@ -2,8 +2,13 @@
 
 Every field is declared once, with its help text, in one of the groups below.
 Each becomes a kebab-case flag (`learning_rate` -> `--learning-rate`); field
-names are unique across groups so a flag never needs its group's name. Unknown
-keys and wrong types fail at load time with the key's dotted name.
+names are unique across groups so a flag never needs its group's name.
+
+Type checking is pydantic's (strict: `1.5` is not an integer, `"yes"` not a
+boolean, unknown keys are errors), run once over the merged values; its error
+locations become the dotted key in the message (`data.datasets[0].task`).
+Values that have a richer type than their spelling are parsed here, once:
+`tp.tp_layers: 1-7` becomes the tuple (1, ..., 7) every consumer receives.
 """
 
 from __future__ import annotations
@@ -11,21 +16,47 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
-from enum import Enum
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import pydantic
 import yaml
 
-from data import TEMPLATES, Task
-from modeling import DEFAULT_MRL_DIMS, TINY_QWEN3, Pooling
+from tpembed.data import TEMPLATES, Task
+from tpembed.modeling import DEFAULT_MRL_DIMS, TINY_QWEN3, Pooling, validate_mrl_dims
+from tpembed.modeling.token_prepending import format_tp_layers, parse_tp_layers
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the key."""
+
+
+def _tp_layers(value: Any) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if (
+        not isinstance(value, (str, list, tuple))
+        or isinstance(value, (list, tuple))
+        and not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise ValueError(f"expected a layer set like '1-7', '1,3,5' or 'none', got {value!r}")
+    return parse_tp_layers(value)
+
+
+# '1-7' in YAML and on the command line, (1, ..., 7) in the program, '1-7' again when saved
+TpLayers = Annotated[
+    tuple[int, ...], pydantic.PlainValidator(_tp_layers), pydantic.PlainSerializer(format_tp_layers, return_type=str)
+]
+
+_STRICT = pydantic.ConfigDict(extra="forbid", strict=True)
+Positive = Annotated[int, pydantic.Field(gt=0)]
+PositiveFloat = Annotated[float, pydantic.Field(gt=0)]
+NonNegative = Annotated[int, pydantic.Field(ge=0)]
+NonNegativeFloat = Annotated[float, pydantic.Field(ge=0)]
+Share = Annotated[float, pydantic.Field(ge=0, le=1)]
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -51,14 +82,15 @@ class ModelConfig:
     head_bias: bool = _help("bias in the MRL head", True)
     padding_side: Literal["left", "right"] = _help("padding side; pooling finds the last real token either way", "left")
     init_from: str | None = _help(
-        "stage 2: a stage-1 run directory or checkpoint to start from (backbone, head and tokenizer)", None
+        "stage 2: a stage-1 run directory, checkpoint or its model/ folder to start from (backbone, head, tokenizer)",
+        None,
     )
 
 
 @dataclass
 class TokenPrependingConfig:
-    tp_layers: str = _help(
-        "decoder layers (0-based) with Token Prepending: '1-7' (inclusive), '1,3,5', or 'none'", "none"
+    tp_layers: TpLayers = _help(
+        "decoder layers (0-based) with Token Prepending: '1-7' (inclusive), '1,3,5', or 'none'", ()
     )
     placeholder_token: str | None = _help(
         "the placeholder token; default '<|im_start|>' when the tokenizer has it, else '<|tp_placeholder|>', "
@@ -72,7 +104,7 @@ class TokenPrependingConfig:
 
 @dataclass
 class LoraConfig:
-    lora_rank: int = _help("LoRA rank through peft; 0 trains every parameter", 0)
+    lora_rank: NonNegative = _help("LoRA rank through peft; 0 trains every parameter", 0)
     lora_alpha: float = _help("LoRA scaling alpha (the update is scaled by alpha / rank)", 32.0)
     lora_dropout: float = _help("dropout on the LoRA input", 0.0)
     lora_target_modules: list[str] = _help(
@@ -87,9 +119,9 @@ class DatasetConfig:
     task: Task = _help("retrieval, sts or classification", Task.retrieval)
     name: str | None = _help("name in logs; default: the file name", None)
     instruction: str | None = _help("task instruction for records without their own", None)
-    weight: float = _help("multiplies this dataset's sampling mass n ** alpha", 1.0)
-    batch_size: int | None = _help("global batch size of this dataset; default: data.batch_size", None)
-    num_hard_negatives: int | None = _help("negatives per anchor; default: data.num_hard_negatives", None)
+    weight: NonNegativeFloat = _help("multiplies this dataset's sampling mass n ** alpha", 1.0)
+    batch_size: Positive | None = _help("global batch size of this dataset; default: data.batch_size", None)
+    num_hard_negatives: NonNegative | None = _help("negatives per anchor; default: data.num_hard_negatives", None)
     score_range: list[float] | None = _help("sts: [min, max]; scores outside fail validation", None)
 
 
@@ -105,24 +137,24 @@ class DataConfig:
         "Given a web search query, retrieve relevant passages that answer the query",
     )
     template: str = _help(f"input template: {', '.join(TEMPLATES)}", "instruction")
-    batch_size: int = _help("global batch size: anchors per optimizer step over all processes", 256)
-    num_hard_negatives: int = _help("hard negatives per query (sampled from its list each epoch)", 4)
+    batch_size: Positive = _help("global batch size: anchors per optimizer step over all processes", 256)
+    num_hard_negatives: NonNegative = _help("hard negatives per query (sampled from its list each epoch)", 4)
     hard_negative_fallback: Literal["repeat", "random", "error"] = _help(
         "when a record has fewer negatives: repeat (sample with replacement; random passages if none), "
         "random (fill with other records' passages), error",
         "repeat",
     )
-    query_max_len: int = _help("max tokens of queries and of both sides of symmetric tasks", 256)
-    passage_max_len: int = _help("max tokens of retrieval passages", 1536)
+    query_max_len: Positive = _help("max tokens of queries and of both sides of symmetric tasks", 256)
+    passage_max_len: Positive = _help("max tokens of retrieval passages", 1536)
     sampling_alpha: float = _help("dataset i is picked with probability proportional to n_i ** alpha", 0.5)
-    eta_ret: float | None = _help("stage 2: share of steps given to retrieval datasets together (0.72)", None)
+    eta_ret: Share | None = _help("stage 2: share of steps given to retrieval datasets together (0.72)", None)
     append_eos: bool = _help("append the end-of-text token as the pooled last token (stage 1)", True)
     prepend_bos: bool = _help("start every sequence with the tokenizer's BOS token", False)
     allow_empty_text: bool = _help("render empty queries/positives as 'Null' instead of failing", False)
-    num_workers: int = _help("DataLoader worker processes that build and tokenise batches ahead", 0)
+    num_workers: NonNegative = _help("DataLoader worker processes that build and tokenise batches ahead", 0)
     pad_to_multiple_of: int | None = _help("pad sequence lengths to a multiple of this (8 helps tensor cores)", None)
     packing: bool = _help(
-        "padding-free batches: texts packed into one row with per-text position ids (needs an attention "
+        "padding-free batches: texts packed into rows with per-text position ids (needs an attention "
         "implementation that reads packed position ids: sdpa, eager, flash_attention_2/3)",
         False,
     )
@@ -130,8 +162,8 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    temperature: float = _help("InfoNCE temperature tau", 0.02)
-    cosent_temperature: float = _help("CoSENT temperature (0.05 is the common CoSENT value)", 0.02)
+    temperature: PositiveFloat = _help("InfoNCE temperature tau", 0.02)
+    cosent_temperature: PositiveFloat = _help("CoSENT temperature (0.05 is the common CoSENT value)", 0.02)
     mrl_dims: list[int] = _help(
         "Matryoshka dims, ascending, the last <= output_dim", factory=lambda: list(DEFAULT_MRL_DIMS)
     )
@@ -160,14 +192,16 @@ class OptimConfig:
 class TrainConfig:
     stage: int = _help("1: retrieval pre-training, 2: full-task fine-tuning", 1)
     output_dir: str = _help("run directory: config, logs, checkpoints", "runs/stage1")
-    max_steps: int = _help("optimizer steps", 32000)
+    max_steps: Positive = _help("optimizer steps", 32000)
     seed: int = _help("seed of initialisation and of the data order", 42)
-    gradient_accumulation_steps: int = _help("micro-steps per optimizer step (saves memory; does not add negatives)", 1)
+    gradient_accumulation_steps: Positive = _help(
+        "micro-steps per optimizer step (saves memory; does not add negatives)", 1
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help("auto: bf16 on GPUs that support it", "auto")
-    save_every: int = _help("checkpoint every N steps (and at the end)", 1000)
-    keep_last: int = _help("checkpoints kept; older ones are pruned after a new one is complete", 3)
+    save_every: Positive = _help("checkpoint every N steps (and at the end)", 1000)
+    keep_last: Positive = _help("checkpoints kept; older ones are pruned after a new one is complete", 3)
     resume_from: str | None = _help("a checkpoint directory, or 'auto' for the newest complete one", None)
-    max_nonfinite_steps: int = _help(
+    max_nonfinite_steps: NonNegative = _help(
         "consecutive steps with a non-finite loss or gradient norm that are skipped before the run stops", 5
     )
     cpu: bool = _help("run on CPU even when a GPU is present", False)
@@ -182,8 +216,12 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every: int = _help("log metrics every N steps", 10)
-    report_to: list[str] = _help("trackers: tensorboard, wandb (or none)", factory=lambda: ["tensorboard"])
+    log_every: Positive = _help("log metrics every N steps", 10)
+    report_to: list[Literal["auto", "tensorboard", "wandb", "none"]] = _help(
+        "trackers: tensorboard, wandb, none, or auto (TensorBoard when installed: pip install 'tpembed[tensorboard]'); "
+        "metrics.jsonl is written in every case",
+        factory=lambda: ["auto"],
+    )
     project: str = _help("tracker project name", "tpembed")
     run_name: str | None = _help("tracker run name; default: the output directory's name", None)
     wandb_mode: Literal["offline", "online", "disabled"] = _help("wandb mode; offline never prompts", "offline")
@@ -208,7 +246,7 @@ class EvalTaskConfig:
 @dataclass
 class EvalConfig:
     eval_tasks: list[EvalTaskConfig] = _help("dev sets evaluated during training", factory=list)
-    eval_every: int = _help("evaluate every N steps on the main process (0: never)", 0)
+    eval_every: NonNegative = _help("evaluate every N steps on the main process (0: never)", 0)
     eval_limit: int | None = _help("cap on pairs / queries per dev set during training", 500)
     eval_batch_size: int = _help("texts per encoding batch during evaluation", 64)
 
@@ -226,7 +264,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# What each stage changes by default (METHOD.md section 2); the entry scripts pass these.
+for _group in (ModelConfig, TokenPrependingConfig, LoraConfig, DatasetConfig, DataConfig, LossConfig, OptimConfig,
+               TrainConfig, LoggingConfig, EvalTaskConfig, EvalConfig, Config):  # fmt: skip
+    _group.__pydantic_config__ = _STRICT  # unknown keys are errors, at every level
+
+
+# What each stage changes by default (docs/method.md section 2); the entry scripts pass these.
 STAGE_DEFAULTS = {
     1: {"train": {"stage": 1}},
     2: {
@@ -238,97 +281,38 @@ STAGE_DEFAULTS = {
 }
 
 
-# ---- type checking ------------------------------------------------------------------
+# ---- validation and conversion (pydantic) ------------------------------------------------
 
 
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+@cache
+def _adapter(annotation) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(annotation)
 
 
-def _convert(value: Any, annotation: Any, key: str) -> Any:
-    """Check/convert a YAML value against a field annotation; ConfigError names `key`."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_convert(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return _build(annotation, value, key)
-    if isinstance(annotation, type) and issubclass(annotation, Enum):
-        try:
-            return annotation(value)
-        except ValueError:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(m.value for m in annotation)}") from None
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported field type {annotation}")
+def _key(location: tuple) -> str:
+    """('data', 'datasets', 0, 'task') -> 'data.datasets[0].task'."""
+    key = ""
+    for part in location:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
 
 
-def _build(cls, values: dict, prefix: str):
-    hints = _hints(cls)
-    unknown = [k for k in values if k not in hints]
-    if unknown:
-        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown config key '{where}' (known in {prefix or 'the top level'}: {', '.join(hints)})")
-    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
-    return cls(**kwargs)
+def _validate(cls, values: dict, prefix: str = ""):
+    """Strict validation of plain (YAML/JSON) values into `cls`; ConfigError names the key."""
+    try:
+        return _adapter(cls).validate_json(json.dumps(values), strict=True)
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        key = prefix + _key(first["loc"])
+        if first["type"] == "unexpected_keyword_argument":
+            parent = key.rpartition(".")[0] or "the top level"
+            raise ConfigError(f"unknown config key '{key}' (not a field of {parent})") from None
+        raise ConfigError(f"{key}: {_describe(first)}") from None
 
 
-def _from_string(text: str, annotation: Any, key: str) -> Any:
-    """Parse a command-line string into the field's type (then checked by _convert)."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if text.lower() in ("none", "null") and type(None) in args:
-            return None
-        return _from_string(text, [a for a in args if a is not type(None)][0], key)
-    if annotation is bool:
-        lowered = text.lower()
-        if lowered in ("true", "1", "yes"):
-            return True
-        if lowered in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"{key}: expected true or false, got {text!r}")
-    if annotation is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {text!r}") from None
-    if annotation is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"{key}: expected a number, got {text!r}") from None
-    return text
-
-
-# ---- merging and loading --------------------------------------------------------------
+def to_dict(config) -> dict:
+    """Plain YAML-able values (enums as their values, TP layers as '1-7')."""
+    return _adapter(type(config)).dump_python(config, mode="json")
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -341,24 +325,9 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def to_dict(config: Config) -> dict:
-    """Plain YAML-able dict (enums as their values)."""
-
-    def plain(value):
-        if isinstance(value, Enum):
-            return value.value
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [plain(v) for v in value]
-        return value
-
-    return plain(dataclasses.asdict(config))
-
-
 def from_dict(values: dict, source: str = "config") -> Config:
     try:
-        return validate(_build(Config, values, ""))
+        return validate(_validate(Config, values))
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
 
@@ -368,7 +337,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: invalid YAML: {error}") from None
     if not isinstance(values, dict):
@@ -376,18 +345,26 @@ def read_yaml(path: str | Path) -> dict:
     return values
 
 
+# ---- command line ---------------------------------------------------------------------
+
+
 def leaf_fields() -> dict[str, tuple[str, dataclasses.Field, Any]]:
     """{field name: (group, field, annotation)} for every flag-able field."""
     leaves = {}
-    for group, cls in _hints(Config).items():
-        hints = _hints(cls)
+    for group in dataclasses.fields(Config):
+        cls = group.default_factory
+        hints = typing.get_type_hints(cls, include_extras=True)
         for f in dataclasses.fields(cls):
             if f.name in ("datasets", "eval_tasks"):
                 continue
             if f.name in leaves:
                 raise RuntimeError(f"config field name {f.name!r} is used by two groups")
-            leaves[f.name] = (group, f, hints[f.name])
+            leaves[f.name] = (group.name, f, hints[f.name])
     return leaves
+
+
+def _is_list(annotation) -> bool:
+    return any(typing.get_origin(a) is list for a in (annotation, *typing.get_args(annotation)))
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -397,13 +374,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     for name, (group, f, annotation) in leaf_fields().items():
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
-        is_list = typing.get_origin(annotation) is list or any(
-            typing.get_origin(a) is list for a in typing.get_args(annotation)
-        )
         groups[group].add_argument(
             "--" + name.replace("_", "-"),
             dest=f"{group}.{name}",
-            nargs="+" if is_list else None,
+            nargs="+" if _is_list(annotation) else None,
             default=argparse.SUPPRESS,
             metavar=name.upper(),
             help=f.metadata.get("help", ""),
@@ -411,10 +385,31 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_value(raw: str | list[str], annotation, flag: str):
+    """A flag's text, converted to the field's type (lax: '3e-5' is a number, 'true' a boolean)."""
+    if raw in (["none"], ["null"], "none", "null") and type(None) in typing.get_args(annotation):
+        return None
+    if raw == ["[]"]:
+        return []
+    try:
+        return _adapter(annotation).validate_python(raw)
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        raise ConfigError(f"{flag}: {_describe(first)}") from None
+
+
+def _describe(error: dict) -> str:
+    """A pydantic error in the words of the config errors ('expected an integer, got 'ten'')."""
+    if error["type"] == "value_error":  # a parser's own message (TP layers)
+        return str(error["ctx"]["error"])
+    kinds = {"int": "expected an integer", "float": "expected a number", "bool": "expected true or false"}
+    words = next((words for kind, words in kinds.items() if error["type"].startswith(kind)), error["msg"].lower())
+    return f"{words}, got {error['input']!r}"
+
+
 def load_config(argv: list[str] | None = None, base: dict | None = None, description: str = "") -> Config:
     """defaults <- `base` (a stage's defaults) <- each --config YAML <- flags."""
-    parser = build_parser(description)
-    args = parser.parse_args(argv)
+    args = build_parser(description).parse_args(argv)
     values: dict = dict(base or {})
     sources = ["defaults"]
     for path in args.config:
@@ -423,32 +418,16 @@ def load_config(argv: list[str] | None = None, base: dict | None = None, descrip
     leaves = leaf_fields()
     flags: dict = {}
     for dest, raw in vars(args).items():
-        if dest == "config":
-            continue
-        group, name = dest.split(".")
-        annotation = leaves[name][2]
-        key = f"--{name.replace('_', '-')}"
-        if isinstance(raw, list):
-            inner = [a for a in typing.get_args(annotation) if a is not type(None)]
-            list_type = inner[0] if typing.get_origin(annotation) is not list else annotation
-            item_type = typing.get_args(list_type)[0]
-            if len(raw) == 1 and raw[0].lower() in ("none", "null") and type(None) in typing.get_args(annotation):
-                value = None
-            elif len(raw) == 1 and raw[0] == "[]":
-                value = []
-            else:
-                value = [_from_string(item, item_type, key) for item in raw]
-        else:
-            value = _from_string(raw, annotation, key)
-        flags.setdefault(group, {})[name] = value
+        if dest != "config":
+            group, name = dest.split(".")
+            value = _flag_value(raw, leaves[name][2], f"--{name.replace('_', '-')}")
+            flags.setdefault(group, {})[name] = value
     values = _merge(values, flags)
     return from_dict(values, source=" <- ".join(sources + (["flags"] if flags else [])))
 
 
 def validate(config: Config) -> Config:
     """Checks that need more than one field; each error names its key."""
-    from modeling.head import validate_mrl_dims
-
     try:
         validate_mrl_dims(config.loss.mrl_dims, config.model.output_dim)
     except ValueError as error:
@@ -459,45 +438,21 @@ def validate(config: Config) -> Config:
         )
     if config.data.template not in TEMPLATES:
         raise ConfigError(f"data.template: {config.data.template!r} is not one of {', '.join(TEMPLATES)}")
-    positive = {
-        "data.batch_size": config.data.batch_size,
-        "data.query_max_len": config.data.query_max_len,
-        "data.passage_max_len": config.data.passage_max_len,
-        "train.max_steps": config.train.max_steps,
-        "train.gradient_accumulation_steps": config.train.gradient_accumulation_steps,
-        "train.save_every": config.train.save_every,
-        "train.keep_last": config.train.keep_last,
-        "logging.log_every": config.logging.log_every,
-        "loss.temperature": config.loss.temperature,
-        "loss.cosent_temperature": config.loss.cosent_temperature,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
-    if config.lora.lora_rank < 0:
-        raise ConfigError(f"lora.lora_rank: must be >= 0, got {config.lora.lora_rank}")
-    if config.data.num_hard_negatives < 0:
-        raise ConfigError(f"data.num_hard_negatives: must be >= 0, got {config.data.num_hard_negatives}")
-    if config.data.eta_ret is not None and not 0 <= config.data.eta_ret <= 1:
-        raise ConfigError(f"data.eta_ret: must lie in [0, 1], got {config.data.eta_ret}")
     for i, dataset in enumerate(config.data.datasets):
         if not dataset.path:
             raise ConfigError(f"data.datasets[{i}].path: required")
-        if dataset.weight < 0:
-            raise ConfigError(f"data.datasets[{i}].weight: must be >= 0, got {dataset.weight}")
         if dataset.score_range is not None and (
             len(dataset.score_range) != 2 or dataset.score_range[0] > dataset.score_range[1]
         ):
             raise ConfigError(f"data.datasets[{i}].score_range: expected [min, max], got {dataset.score_range}")
-    for i, task in enumerate(config.eval.eval_tasks):
-        if not task.name or not task.path:
-            raise ConfigError(f"eval.eval_tasks[{i}]: needs a name and a path")
-    if config.eval.eval_every < 0:
-        raise ConfigError(f"eval.eval_every: must be >= 0, got {config.eval.eval_every}")
-    for tracker in config.logging.report_to:
-        if tracker not in ("tensorboard", "wandb", "none"):
-            raise ConfigError(f"logging.report_to: unknown tracker {tracker!r} (tensorboard, wandb, none)")
+    _check_eval_tasks(config.eval.eval_tasks, "eval.eval_tasks")
     return config
+
+
+def _check_eval_tasks(tasks: list[EvalTaskConfig], where: str) -> None:
+    for i, task in enumerate(tasks):
+        if not task.name or not task.path:
+            raise ConfigError(f"{where}[{i}]: needs a name and a path")
 
 
 def config_yaml(config: Config) -> str:
@@ -510,15 +465,13 @@ def load_eval_tasks(path: str | Path) -> list[EvalTaskConfig]:
     unknown = [k for k in values if k != "tasks"]
     if unknown:
         raise ConfigError(f"{path}: unknown key '{unknown[0]}' (an eval file holds only 'tasks')")
-    tasks = _convert(values.get("tasks", []), list[EvalTaskConfig], f"{path}: tasks")
-    for i, task in enumerate(tasks):
-        if not task.name or not task.path:
-            raise ConfigError(f"{path}: tasks[{i}] needs a name and a path")
+    tasks = _validate(list[EvalTaskConfig], values.get("tasks", []), prefix=f"{path}: tasks")
+    _check_eval_tasks(tasks, f"{path}: tasks")
     return tasks
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(config_yaml(config))
+    Path(path).write_text(config_yaml(config), encoding="utf-8")
 
 
 def load_saved_config(path: str | Path) -> Config:
@@ -539,17 +492,17 @@ def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def reference_markdown() -> str:
-    """The config reference table for the README (`python -m train.config`)."""
+    """The config reference table of docs/configuration.md (`python -m tpembed.train.config`)."""
     lines = ["| key | flag | default | meaning |", "|---|---|---|---|"]
     defaults = to_dict(Config())
     for name, (group, f, _) in leaf_fields().items():
         default = defaults[group][name]
         shown = "" if default is None else json.dumps(default, ensure_ascii=False)
         lines.append(f"| `{group}.{name}` | `--{name.replace('_', '-')}` | `{shown}` | {f.metadata.get('help', '')} |")
-    for f in dataclasses.fields(DatasetConfig):
-        default = f.default.value if isinstance(f.default, Enum) else f.default
-        shown = "" if default is None else json.dumps(default)
-        lines.append(f"| `data.datasets[].{f.name}` | | `{shown}` | {f.metadata.get('help', '')} |")
+    for name, default in to_dict(DatasetConfig()).items():
+        shown = "" if default in (None, "") else json.dumps(default)
+        help_text = DatasetConfig.__dataclass_fields__[name].metadata.get("help", "")
+        lines.append(f"| `data.datasets[].{name}` | | `{shown}` | {help_text} |")
     return "\n".join(line.replace("<|", "<\\|").replace("|>", "\\|>") for line in lines)
 
 

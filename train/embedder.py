@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data import TEMPLATES, TextFormat, ensure_placeholder, tokenize
-from modeling import Encoder, EncoderSpec, load_backbone, load_tokenizer, parse_tp_layers
-from modeling.backbone import backbone_config
-
-from .checkpoint import MODEL_DIR, resolve_checkpoint
+from tpembed.data import TEMPLATES, TextFormat, ensure_placeholder, tokenize
+from tpembed.modeling import Encoder, EncoderSpec, load_backbone, load_tokenizer, parse_tp_layers
+from tpembed.modeling.backbone import backbone_config
+from tpembed.train.checkpoint import MODEL_DIR, resolve_checkpoint
 
 TEXT_CONFIG_FILE = "tpembed_text.json"
 

@@ -1,14 +1,14 @@
 """Evaluate a model at every Matryoshka dim on local datasets (encode once, slice per dim).
 
     # a tpembed run, checkpoint or model directory
-    python -m train.eval runs/quickstart/stage2 --sts ../shared/data/stsb_en/dev.jsonl \\
-        --retrieval ../shared/data/xquad_retrieval/en --output-dir evals/quickstart
+    tpembed-eval runs/quickstart/stage2 --sts data/stsb_en/dev.jsonl \\
+        --retrieval data/xquad_retrieval/en --output-dir evals/quickstart
 
     # an exported sentence-transformers directory, with a task file
-    python -m train.eval exports/quickstart --tasks configs/eval/english_dev.yaml --output-dir evals/x
+    tpembed-eval exports/quickstart --tasks configs/eval/english_dev.yaml --output-dir evals/x
 
     # a base LM without training (PromptEOL, optional Token Prepending)
-    python -m train.eval --base-model PATH --template prompteol --tp-layers 1-7 --tasks configs/eval/english_dev.yaml
+    tpembed-eval --base-model PATH --template prompteol --tp-layers 1-7 --tasks configs/eval/english_dev.yaml
 
 Tasks:
   sts        JSONL {sentence1, sentence2, score}: Spearman of cosine x100; the
@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.formats import iter_rows
-
-from .config import ConfigError, EvalTaskConfig, load_eval_tasks
-from .metrics import retrieval_scores, spearman
+from tpembed.data.formats import iter_rows
+from tpembed.modeling import DEFAULT_MRL_DIMS
+from tpembed.modeling.token_prepending import parse_tp_layers
+from tpembed.train.config import ConfigError, EvalTaskConfig, load_eval_tasks
+from tpembed.train.metrics import retrieval_scores, spearman
 
 EncodeFn = Callable[[list[str], "str | None"], torch.Tensor]
 
@@ -90,6 +91,11 @@ def load_beir(task: EvalTaskConfig):
     return doc_ids, doc_texts, query_ids, query_texts, qrels
 
 
+def load_task_data(task: EvalTaskConfig):
+    """The task's examples, loaded once (training evaluates the same dev sets many times)."""
+    return load_sts(task) if task.type == "sts" else load_beir(task)
+
+
 def _slice(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
     return F.normalize(embeddings[:, :dim].float(), dim=-1)
 
@@ -97,7 +103,7 @@ def _slice(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
 def evaluate_task(encode: EncodeFn, task: EvalTaskConfig, dims: list[int], data=None) -> dict:
     """Scores of one task at every dim; `data` is the loaded task (loaded here when None)."""
     if task.type == "sts":
-        first, second, gold = data or load_sts(task)
+        first, second, gold = data or load_task_data(task)
         instruction = task.instruction
         left, right = encode(first, instruction), encode(second, instruction)
         by_dim = {
@@ -105,7 +111,7 @@ def evaluate_task(encode: EncodeFn, task: EvalTaskConfig, dims: list[int], data=
         }
         count = len(gold)
     elif task.type == "retrieval":
-        doc_ids, doc_texts, query_ids, query_texts, qrels = data or load_beir(task)
+        doc_ids, doc_texts, query_ids, query_texts, qrels = data or load_task_data(task)
         queries, documents = encode(query_texts, task.instruction), encode(doc_texts, None)
         by_dim = {}
         for dim in dims:
@@ -137,26 +143,39 @@ def flat_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
     }
 
 
-def format_table(results: dict) -> str:
-    dims = results["dims"]
-    header = f"{'task':<24} {'metric':<10}" + "".join(f"{d:>8}" for d in dims)
-    lines = [header, "-" * len(header)]
-    for name, task in results["tasks"].items():
-        metric = task["main_metric"]
-        lines.append(f"{name:<24} {metric:<10}" + "".join(f"{task['by_dim'][str(d)][metric]:>8.2f}" for d in dims))
-    return "\n".join(lines)
+def format_table(results: dict, markdown: bool = False) -> str:
+    """The main metric of every task at every dim, as text or as a markdown table."""
+    tasks = results["tasks"]
+    dims = sorted({int(d) for task in tasks.values() for d in task["by_dim"]})
+    rows = [
+        [name, task["main_metric"]]
+        + [f"{task['by_dim'][str(d)][task['main_metric']]:.2f}" if str(d) in task["by_dim"] else "" for d in dims]
+        for name, task in tasks.items()
+    ]
+    if markdown:
+        header = ["task", "metric", *map(str, dims)]
+        lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(dims)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    lines = [f"{name:<24} {metric:<10}" + "".join(f"{cell:>8}" for cell in cells) for name, metric, *cells in rows]
+    head = f"{'task':<24} {'metric':<10}" + "".join(f"{d:>8}" for d in dims)
+    return "\n".join([head, "-" * len(head), *lines])
 
 
-def write_results(results: dict, output_dir: str | Path) -> tuple[Path, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def write_results(results: dict, output_dir: str | Path) -> tuple[Path, Path | None]:
+    """results.json, and the plot of every task's score against the dim (dims.png) when
+    matplotlib is installed (the `plots` extra)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path = output_dir / "results.json"
     json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    try:
+        import matplotlib
+    except ImportError:
+        print("dims.png not written: the plot needs matplotlib (pip install 'tpembed[plots]')", file=sys.stderr)
+        return json_path, None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure, axis = plt.subplots(figsize=(7, 4.5))
     dims = results["dims"]
     for name, task in results["tasks"].items():
@@ -187,14 +206,18 @@ def embedder_encode_fn(embedder, batch_size: int = 32, show_progress: bool = Fal
 
 
 def sentence_transformer_encode_fn(path: str, batch_size: int = 32, show_progress: bool = False):
-    """An exported directory: instructions become the prompt tpembed's module expects."""
+    """An exported directory: instructions become the prompt tpembed's module expects.
+
+    Returns (encode, the Matryoshka dims the export records)."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(path, trust_remote_code=True)
     config_path = Path(path) / "tpembed_st_config.json"
-    instruction_format = "{instruction}"
-    if config_path.is_file():
-        instruction_format = json.loads(config_path.read_text())["text_format"]["instruction_format"]
+    stored = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    instruction_format = stored.get("text_format", {}).get("instruction_format", "{instruction}")
+    dim = model.get_embedding_dimension()
+    # exports of tpembed < 0.2 do not record their dims: the method's defaults that fit
+    dims = stored.get("mrl_dims") or [d for d in DEFAULT_MRL_DIMS if d <= dim] or [dim]
 
     def encode(texts: list[str], instruction: str | None) -> torch.Tensor:
         prompt = instruction_format.format(instruction=instruction) if instruction else None
@@ -202,23 +225,18 @@ def sentence_transformer_encode_fn(path: str, batch_size: int = 32, show_progres
             texts, prompt=prompt, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress
         ).cpu()
 
-    return encode, model.get_embedding_dimension()
-
-
-def default_dims(embedding_dim: int, mrl_dims: list[int] | None) -> list[int]:
-    dims = [d for d in (mrl_dims or []) if d <= embedding_dim]
-    return dims or [embedding_dim]
+    return encode, dims
 
 
 def _short_name(path: str) -> str:
-    """The last two components without suffix: ../shared/data/stsb_en/dev.jsonl -> stsb_en/dev."""
+    """The last two components without suffix: data/xquad_retrieval/en -> xquad_retrieval/en."""
     parts = Path(path).with_suffix("").parts
     return "/".join(parts[-2:])
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m train.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="tpembed-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("model", nargs="?", help="run/checkpoint/model directory, or an exported directory")
     parser.add_argument("--base-model", help="evaluate a base LM without head (training-free)")
@@ -226,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "--template", default="prompteol", help="base model: instruction | prompteol | prompteol_original"
     )
     parser.add_argument(
-        "--tp-layers", default=None, help="Token Prepending layers (base model; override for a checkpoint)"
+        "--tp-layers", type=parse_tp_layers, help="Token Prepending layers (base model; override for a checkpoint)"
     )
     parser.add_argument("--pooling", default="last_token", help="base model: last_token | mean")
     parser.add_argument(
@@ -248,79 +266,72 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output-dir", help="where to write results.json and dims.png")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    if bool(args.model) == bool(args.base_model):
-        parser.error("give either MODEL or --base-model")
+    return parser
 
-    try:
-        tasks = [task for path in args.tasks for task in load_eval_tasks(path)]
-    except ConfigError as error:
-        parser.error(str(error))
-    tasks += [
-        EvalTaskConfig(
-            name=Path(p).parent.name + "/" + Path(p).stem, type="sts", path=p, instruction=args.sts_instruction
-        )
-        for p in args.sts
-    ]
-    tasks += [
-        EvalTaskConfig(name=_short_name(p), type="retrieval", path=p, instruction=args.retrieval_instruction)
-        for p in args.retrieval
-    ]
+
+def _tasks(args) -> list[EvalTaskConfig]:
+    """The tasks of --tasks files, --sts files and --retrieval directories, less --skip; raises
+    ConfigError with what to change."""
+    tasks = [task for path in args.tasks for task in load_eval_tasks(path)]
+    for path in args.sts:
+        name = Path(path).parent.name + "/" + Path(path).stem
+        tasks.append(EvalTaskConfig(name=name, type="sts", path=path, instruction=args.sts_instruction))
+    for path in args.retrieval:
+        name = _short_name(path)
+        tasks.append(EvalTaskConfig(name=name, type="retrieval", path=path, instruction=args.retrieval_instruction))
     unknown = sorted(set(args.skip) - {task.name for task in tasks})
     if unknown:
-        parser.error(f"--skip: no task named {', '.join(unknown)} (tasks: {', '.join(t.name for t in tasks)})")
+        raise ConfigError(f"--skip: no task named {', '.join(unknown)} (tasks: {', '.join(t.name for t in tasks)})")
     tasks = [task for task in tasks if task.name not in args.skip]
     if not tasks:
-        parser.error("no tasks: pass --tasks, --sts or --retrieval")
+        raise ConfigError("no tasks: pass --tasks, --sts or --retrieval")
     for task in tasks:
-        if args.limit:
-            task.limit = args.limit
-        if args.no_instructions:
-            task.instruction = None
+        task.limit = args.limit or task.limit
+        task.instruction = None if args.no_instructions else task.instruction
+    return tasks
 
-    from .embedder import Embedder
+
+def _model(args) -> tuple[EncodeFn, list[int], str]:
+    """(encode, the model's Matryoshka dims, its name) of a base LM, an export or a checkpoint."""
+    from tpembed.train.embedder import Embedder
 
     progress = not args.no_progress
     if args.base_model:
         embedder = Embedder.from_base_model(
             args.base_model,
             template=args.template,
-            tp_layers=args.tp_layers or "none",
+            tp_layers=args.tp_layers or (),
             pooling=args.pooling,
             use_placeholder=not args.no_placeholder,
             placeholder=args.placeholder,
             max_length=args.max_length,
         )
-        encode, dims, name = (
-            embedder_encode_fn(embedder, args.batch_size, progress),
-            [embedder.embedding_dim],
-            args.base_model,
-        )
-    elif (Path(args.model) / "modules.json").is_file():
-        encode, dim = sentence_transformer_encode_fn(args.model, args.batch_size, progress)
-        spec_dims = [128, 256, 512, 768, 1024, 1280, 1536, 1792]
-        dims, name = default_dims(dim, spec_dims), args.model
-    else:
-        embedder = Embedder.from_checkpoint(
-            args.model,
-            tp_layers=args.tp_layers,
-            query_max_len=args.query_max_len,
-            passage_max_len=args.passage_max_len,
-        )
-        head_dims = embedder.encoder.spec.mrl_dims if embedder.encoder.head is not None else None
-        encode, dims, name = (
-            embedder_encode_fn(embedder, args.batch_size, progress),
-            default_dims(embedder.embedding_dim, head_dims),
-            args.model,
-        )
-    if args.dims:
-        dims = args.dims
+        return embedder_encode_fn(embedder, args.batch_size, progress), [embedder.embedding_dim], args.base_model
+    if (Path(args.model) / "modules.json").is_file():
+        encode, dims = sentence_transformer_encode_fn(args.model, args.batch_size, progress)
+        return encode, dims, args.model
+    embedder = Embedder.from_checkpoint(
+        args.model, tp_layers=args.tp_layers, query_max_len=args.query_max_len, passage_max_len=args.passage_max_len
+    )
+    dims = embedder.encoder.spec.mrl_dims if embedder.encoder.head is not None else [embedder.embedding_dim]
+    return embedder_encode_fn(embedder, args.batch_size, progress), dims, args.model
 
-    results = {"model": name, **evaluate(encode, tasks, dims)}
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if bool(args.model) == bool(args.base_model):
+        parser.error("give either MODEL or --base-model")
+    try:
+        tasks = _tasks(args)
+    except ConfigError as error:
+        parser.error(str(error))
+    encode, dims, name = _model(args)
+    results = {"model": name, **evaluate(encode, tasks, args.dims or dims)}
     print(format_table(results))
     if args.output_dir:
-        json_path, plot_path = write_results(results, args.output_dir)
-        print(f"wrote {json_path} and {plot_path}")
+        written = [path for path in write_results(results, args.output_dir) if path is not None]
+        print("wrote " + " and ".join(map(str, written)))
     return 0
 
 

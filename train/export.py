@@ -1,7 +1,7 @@
 """Export a tpembed checkpoint as a sentence-transformers model, and prove it encodes the same.
 
-    python -m train.export runs/quickstart/stage2 exports/quickstart-stage2
-    python -m train.export CHECKPOINT OUT_DIR --query-instruction "Given a question, retrieve passages" \\
+    tpembed-export runs/quickstart/stage2 exports/quickstart-stage2
+    tpembed-export CHECKPOINT OUT_DIR --query-instruction "Given a question, retrieve passages" \\
         --prompt nli="Retrieve semantically similar text" --eval-results evals/results.json
 
 The directory holds: the backbone (safetensors) and tokenizer (left padding) at
@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from data import templates
-from modeling import token_prepending
-
-from .checkpoint import CHECKPOINTS
-from .config import load_saved_config
-from .embedder import Embedder, model_directory
+from tpembed.data import templates
+from tpembed.modeling import token_prepending
+from tpembed.train.checkpoint import CHECKPOINTS
+from tpembed.train.config import load_saved_config
+from tpembed.train.embedder import Embedder, model_directory
+from tpembed.train.eval import format_table
 
 ST_MODULE_DIR = Path(__file__).resolve().parent / "st_module"
 PARITY_TOLERANCE = 1e-4
@@ -48,6 +48,20 @@ PARITY_TEXTS = (
     "a text that contains the placeholder <|im_start|> string",
     " ".join(f"token{i}" for i in range(700)),  # longer than the max lengths: truncation
 )
+
+
+CARD_USAGE = """## Usage
+
+```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("PATH/TO/THIS/DIRECTORY", trust_remote_code=True, truncate_dim=512)
+queries = model.encode(["how do planes take off?"], prompt_name="query", normalize_embeddings=True)
+documents = model.encode(["Lift grows with airspeed ..."], prompt_name="document", normalize_embeddings=True)
+print(model.similarity(queries, documents))
+```
+
+Slice to a Matryoshka dim first, then normalise: pass `truncate_dim` and `normalize_embeddings=True`."""
 
 
 class ExportError(RuntimeError):
@@ -133,6 +147,7 @@ def _write(directory: Path, embedder: Embedder, model_dir: Path, prompts: dict[s
         "query_max_len": embedder.text.query_max_len,
         "passage_max_len": embedder.text.passage_max_len,
         "tp_layers": list(spec.tp_layers),
+        "mrl_dims": list(spec.mrl_dims) if encoder.head is not None else [encoder.backbone.config.hidden_size],
     }
     (directory / "tpembed_st_config.json").write_text(json.dumps(st_config, indent=2, ensure_ascii=False) + "\n")
     shutil.copyfile(ST_MODULE_DIR / "tpembed_st.py", directory / "tpembed_st.py")
@@ -140,8 +155,23 @@ def _write(directory: Path, embedder: Embedder, model_dir: Path, prompts: dict[s
     shutil.copyfile(templates.__file__, directory / "tpembed_templates.py")
     shutil.copyfile(token_prepending.__file__, directory / "tpembed_token_prepending.py")
 
+    _write_json(directory / "modules.json", _write_modules(directory, encoder))
+    _write_json(
+        directory / "config_sentence_transformers.json",
+        {
+            "__version__": _versions(),
+            "model_type": "SentenceTransformer",
+            "prompts": prompts,
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+        },
+    )
+
+
+def _write_modules(directory: Path, encoder) -> list[dict]:
+    """Pooling and Dense (the Matryoshka head) after tpembed's input module; returns modules.json."""
     hidden = encoder.backbone.config.hidden_size
-    pooling_mode = {"last_token": "lasttoken", "mean": "mean"}[spec.pooling]
+    pooling_mode = {"last_token": "lasttoken", "mean": "mean"}[encoder.spec.pooling]
     modules = [{"idx": 0, "name": "0", "path": "", "type": "tpembed_st.TPEmbedTransformer"}]
     (directory / "1_Pooling").mkdir()
     _write_json(
@@ -175,17 +205,7 @@ def _write(directory: Path, embedder: Embedder, model_dir: Path, prompts: dict[s
             weights["linear.bias"] = linear.bias.detach().float().contiguous()
         save_file(weights, str(directory / "2_Dense" / "model.safetensors"))
         modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.base.modules.Dense"})
-    _write_json(directory / "modules.json", modules)
-    _write_json(
-        directory / "config_sentence_transformers.json",
-        {
-            "__version__": _versions(),
-            "model_type": "SentenceTransformer",
-            "prompts": prompts,
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine",
-        },
-    )
+    return modules
 
 
 def _save_tokenizer(model_dir: Path, directory: Path) -> None:
@@ -238,18 +258,7 @@ def _write_card(
         f"| max tokens (query / document) | {embedder.text.query_max_len} / {embedder.text.passage_max_len} |",
         f"| export parity (max abs diff, fp32) | query {diffs['query']:.2e}, document {diffs['document']:.2e} |",
         "",
-        "## Usage",
-        "",
-        "```python",
-        "from sentence_transformers import SentenceTransformer",
-        "",
-        'model = SentenceTransformer("PATH/TO/THIS/DIRECTORY", trust_remote_code=True, truncate_dim=512)',
-        'queries = model.encode(["how do planes take off?"], prompt_name="query", normalize_embeddings=True)',
-        'documents = model.encode(["Lift grows with airspeed ..."], prompt_name="document", normalize_embeddings=True)',
-        "print(model.similarity(queries, documents))",
-        "```",
-        "",
-        "Slice to a Matryoshka dim first, then normalise: pass `truncate_dim` and `normalize_embeddings=True`.",
+        CARD_USAGE,
         f"The `query` prompt carries the instruction {json.dumps(query_instruction, ensure_ascii=False)}; "
         "the template and Token Prepending are applied inside the model, exactly once.",
         "",
@@ -263,7 +272,7 @@ def _write_card(
 
 
 def add_results_to_card(export_dir: str | Path, eval_results: str | Path) -> None:
-    """Put the evaluation table of `python -m train.eval EXPORT` into the export's model card
+    """Put the evaluation table of `tpembed-eval EXPORT` into the export's model card
     (replacing an earlier one): the export exists before it can be evaluated."""
     card = Path(export_dir) / "README.md"
     text = card.read_text()
@@ -272,17 +281,7 @@ def add_results_to_card(export_dir: str | Path, eval_results: str | Path) -> Non
 
 
 def _results_table(path: Path) -> str:
-    results = json.loads(path.read_text())
-    tasks = results["tasks"]
-    dims = sorted({int(d) for task in tasks.values() for d in task["by_dim"]})
-    header = "| task | metric | " + " | ".join(str(d) for d in dims) + " |"
-    rows = [header, "|---|---|" + "---|" * len(dims)]
-    for name, task in tasks.items():
-        scores = [
-            f"{task['by_dim'][str(d)][task['main_metric']]:.2f}" if str(d) in task["by_dim"] else "" for d in dims
-        ]
-        rows.append(f"| {name} | {task['main_metric']} | " + " | ".join(scores) + " |")
-    return "\n".join(rows)
+    return format_table(json.loads(path.read_text()), markdown=True)
 
 
 def _run_config(model_dir: Path):
@@ -308,7 +307,7 @@ def _stage_history(model_dir: Path, run_config) -> str:
     parts = [f"stage {run_config.train.stage}: {steps} steps"]
     if run_config.model.init_from:
         try:
-            from .checkpoint import resolve_checkpoint
+            from tpembed.train.checkpoint import resolve_checkpoint
 
             source = resolve_checkpoint(run_config.model.init_from)
             source_steps = json.loads((source / "trainer_state.json").read_text())["step"]
@@ -335,7 +334,7 @@ def _write_json(path: Path, value) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m train.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="tpembed-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "checkpoint", help=f"run directory (newest of its {CHECKPOINTS}/), checkpoint, or model directory"
@@ -351,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=INSTRUCTION",
         help="an extra named prompt, e.g. --prompt sts='Retrieve semantically similar text' (repeatable)",
     )
-    parser.add_argument("--eval-results", help="results.json from `python -m train.eval` for the model card")
+    parser.add_argument("--eval-results", help="results.json from `tpembed-eval` for the model card")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--query-max-len", type=int, help="max query tokens (default: training's)")
     parser.add_argument("--passage-max-len", type=int, help="max document tokens (default: training's)")

@@ -21,16 +21,10 @@ from contextlib import contextmanager
 
 import torch
 
-from modeling.distributed import all_finite
-
-META_KEYS = ("scores", "anchor_labels", "candidate_labels", "candidate_text_ids")
-
-
-def text_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(texts,) real token counts of a padded or packed token batch."""
-    if "attention_mask" in batch:
-        return batch["attention_mask"].sum(dim=1)
-    return batch["sequence_lengths"]
+from tpembed.data import MicroBatch
+from tpembed.data.batches import text_lengths
+from tpembed.modeling.distributed import all_finite
+from tpembed.train.step import task_loss
 
 
 def split_rows(
@@ -97,7 +91,7 @@ def rng_state() -> tuple:
 def cached_micro_step(
     encoder,
     objective,
-    batch: dict,
+    batch: MicroBatch,
     device,
     backward: Callable[[torch.Tensor, bool], None],
     *,
@@ -113,11 +107,11 @@ def cached_micro_step(
     pieces = []  # (side, token batch, rng state)
     embedded = {}
     with torch.no_grad():
-        for side in ("anchors", "candidates"):
+        for side, tokens in (("anchors", batch.anchors), ("candidates", batch.candidates)):
             outputs = []
-            packed = "attention_mask" not in batch[side]
-            for rows in split_rows(text_lengths(batch[side]), max_rows, token_budget, packed):
-                part = {k: v.to(device) for k, v in take_rows(batch[side], rows, padding_side).items()}
+            packed = "attention_mask" not in tokens
+            for rows in split_rows(text_lengths(tokens), max_rows, token_budget, packed):
+                part = {k: v.to(device) for k, v in take_rows(tokens, rows, padding_side).items()}
                 state = rng_state()
                 pieces.append((side, part, state))
                 outputs.append(encoder(**part))
@@ -125,8 +119,7 @@ def cached_micro_step(
 
     anchors = embedded["anchors"].detach().requires_grad_(True)
     candidates = embedded["candidates"].detach().requires_grad_(True)
-    metadata = {key: batch[key].to(device) for key in META_KEYS if key in batch}
-    loss, per_dim = objective(batch["task"], anchors, candidates, **metadata)
+    loss, per_dim = task_loss(objective, batch, anchors, candidates, device)
     if not all_finite(loss):
         return loss.detach(), per_dim, False
     loss.backward()  # d loss / d embeddings; the gather collectives run here, on every rank

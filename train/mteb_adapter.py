@@ -1,7 +1,7 @@
 """Evaluate a tpembed model with mteb (needs `pip install mteb` and hub access for its datasets).
 
     import mteb
-    from train.mteb_adapter import TPEmbedMTEBModel
+    from tpembed.train.mteb_adapter import TPEmbedMTEBModel
 
     model = TPEmbedMTEBModel("runs/qwen3_8b_stage2", dim=1792,
                              instructions={"T2Retrieval": "为这个问题检索相关的段落"})
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .embedder import Embedder
+from tpembed.train.embedder import Embedder
 
 DEFAULT_INSTRUCTIONS = {
     "Retrieval": "Given a web search query, retrieve relevant passages that answer the query",

@@ -1,8 +1,8 @@
 """Stage 1 -> stage 2 -> export -> evaluate, in one command.
 
-    python -m train.pipeline --recipe quickstart     # tiny Qwen3, bundled sample, CPU, minutes
-    python -m train.pipeline --recipe smollm2        # SmolLM2-135M on ../shared/data, CPU, ~1 hour
-    python -m train.pipeline --stage1 A.yaml --stage2 B.yaml --tasks configs/eval/english_dev.yaml \\
+    tpembed-pipeline --recipe quickstart     # tiny Qwen3, bundled sample, CPU, minutes
+    tpembed-pipeline --recipe smollm2        # SmolLM2-135M on public datasets (configs/smollm2), CPU, ~1 hour
+    tpembed-pipeline --stage1 A.yaml --stage2 B.yaml --tasks configs/eval/english_dev.yaml \\
         --output-dir runs/mine --launch-config launch/multi_gpu.yaml
 
 Each step runs in its own process (training through `accelerate launch`) and is
@@ -19,11 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import latest_checkpoint, load_trainer_state
-from .config import STAGE_DEFAULTS, load_config
-from .export import add_results_to_card
-
-REPO = Path(__file__).resolve().parents[1]
+from tpembed.train.checkpoint import latest_checkpoint, load_trainer_state
+from tpembed.train.config import STAGE_DEFAULTS, load_config
+from tpembed.train.export import add_results_to_card
 
 RECIPES = {
     "quickstart": {
@@ -51,7 +49,7 @@ RECIPES = {
 def run(command: list[str], description: str) -> float:
     print(f"\n=== {description}\n$ {' '.join(command)}", flush=True)
     start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True)
+    subprocess.run(command, check=True)
     seconds = time.perf_counter() - start
     print(f"=== {description}: {seconds / 60:.1f} min", flush=True)
     return seconds
@@ -60,18 +58,18 @@ def run(command: list[str], description: str) -> float:
 def train_stage(script: str, config_path: str, stage: int, launcher: list[str], extra: list[str]) -> tuple[str, float]:
     config = load_config(["--config", config_path, *extra], base=STAGE_DEFAULTS[stage])
     run_dir = Path(config.train.output_dir)
-    latest = latest_checkpoint(REPO / run_dir)
+    latest = latest_checkpoint(run_dir)
     if latest is not None and load_trainer_state(latest)["step"] >= config.train.max_steps:
         print(f"=== stage {stage}: {run_dir} is complete, skipped")
         return str(run_dir), 0.0
     resume = ["--resume-from", "auto"] if latest is not None else []
-    command = [*launcher, f"train/{script}", "--config", config_path, *extra, *resume]
+    command = [*launcher, "-m", f"tpembed.train.{script}", "--config", config_path, *extra, *resume]
     return str(run_dir), run(command, f"stage {stage}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m train.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="tpembed-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe (its configs and dev sets)")
     parser.add_argument("--stage1", help="stage-1 config")
@@ -93,42 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(recipe["output_dir"])
     timings = {}
     for command, source, target in recipe["prepare"]:
-        if not (REPO / target).is_file():
-            run([sys.executable, "-m", "data.prepare", command, source, target], f"prepare {target}")
-    stage1_dir, timings["stage1_s"] = train_stage("stage1.py", recipe["stage1"], 1, launcher, [])
-    stage2_dir, timings["stage2_s"] = train_stage(
-        "stage2.py", recipe["stage2"], 2, launcher, ["--init-from", stage1_dir]
-    )
+        if not Path(target).is_file():
+            run([sys.executable, "-m", "tpembed.data.prepare", command, source, target], f"prepare {target}")
+    stage1_dir, timings["stage1_s"] = train_stage("stage1", recipe["stage1"], 1, launcher, [])
+    stage2_dir, timings["stage2_s"] = train_stage("stage2", recipe["stage2"], 2, launcher, ["--init-from", stage1_dir])
     export_dir = output_dir / "export"
-    timings["export_s"] = run(
-        [
-            sys.executable,
-            "-m",
-            "train.export",
-            stage2_dir,
-            str(export_dir),
-            "--overwrite",
-            *recipe.get("export_flags", []),
-        ],
-        "export",
-    )
+    export = [sys.executable, "-m", "tpembed.train.export", stage2_dir, str(export_dir), "--overwrite"]
+    timings["export_s"] = run([*export, *recipe.get("export_flags", [])], "export")
     if recipe["tasks"]:
         task_flags = [flag for path in recipe["tasks"] for flag in ("--tasks", path)]
-        timings["eval_s"] = run(
-            [
-                sys.executable,
-                "-m",
-                "train.eval",
-                str(export_dir),
-                *task_flags,
-                "--output-dir",
-                str(output_dir / "eval"),
-            ],
-            "evaluate the exported model",
-        )
-        add_results_to_card(REPO / export_dir, REPO / output_dir / "eval" / "results.json")
-    (REPO / output_dir).mkdir(parents=True, exist_ok=True)
-    (REPO / output_dir / "pipeline_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        evaluate = [sys.executable, "-m", "tpembed.train.eval", str(export_dir), *task_flags]
+        timings["eval_s"] = run([*evaluate, "--output-dir", str(output_dir / "eval")], "evaluate the exported model")
+        add_results_to_card(export_dir, output_dir / "eval" / "results.json")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "pipeline_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     print(f"\ndone: {export_dir} " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()))
     return 0
 

@@ -12,25 +12,11 @@ Prepending (model side), retrieval + sts + classification datasets, and the
 backbone, head and tokenizer taken from `--init-from`.
 """
 
-import sys
-from pathlib import Path
-
-if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # train/ would shadow packages named like its modules
-
-from data import DataError  # noqa: E402
-from train.config import STAGE_DEFAULTS, ConfigError, load_config  # noqa: E402
-from train.loop import NonFiniteError, train  # noqa: E402
+from tpembed.train.loop import run_stage
 
 
-def main(argv=None):
-    try:
-        config = load_config(argv, base=STAGE_DEFAULTS[2], description=__doc__)
-        train(config)
-    except (ConfigError, DataError) as error:  # bad input: the message names file, line and field
-        sys.exit(f"error: {error}")
-    except NonFiniteError as error:
-        sys.exit(f"stopped: {error}")
+def main(argv: list[str] | None = None) -> None:
+    run_stage(2, argv, __doc__)
 
 
 if __name__ == "__main__":

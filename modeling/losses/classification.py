@@ -1,6 +1,6 @@
 """Classification / clustering loss: InfoNCE with same-label candidates masked.
 
-What is optimised (METHOD.md section 6): anchors t_i with a positive t_i+ of the
+What is optimised (docs/method.md section 6): anchors t_i with a positive t_i+ of the
 same label and negatives of other labels; the denominator holds every passage
 candidate and every other anchor, except those that share t_i's label (other
 anchors, their positives, their negatives), which would otherwise be false
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .infonce import info_nce_loss
+from tpembed.modeling.losses.infonce import info_nce_loss
 
 
 def masked_classification_loss(

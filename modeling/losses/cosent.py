@@ -1,6 +1,6 @@
 """CoSENT: a ranking loss over pairs of sentence pairs for NLI/STS data.
 
-What is optimised (Su 2022, "CoSENT"; METHOD.md section 6): for every two pairs
+What is optimised (Su 2022, "CoSENT"; docs/method.md section 6): for every two pairs
 (i, j) in the batch whose gold scores satisfy y_i > y_j, the cosine of pair i
 should exceed the cosine of pair j:
 

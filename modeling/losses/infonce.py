@@ -1,6 +1,6 @@
 """InfoNCE with in-batch passages, hard negatives and query-query negatives.
 
-What is optimised (METHOD.md section 6; Qwen3-Embedding, arXiv 2506.05176, for
+What is optimised (docs/method.md section 6; Qwen3-Embedding, arXiv 2506.05176, for
 the false-negative rule): for anchor i with positive candidate p(i),
 
     l_i = -log( exp(s(q_i, d_p(i)) / tau) / Z_i )

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from train import build
-from train.config import load_config
-from train.gradcache import cached_micro_step
-from train.loop import build_accelerator, micro_step_loss
+from tpembed.train import build
+from tpembed.train.config import load_config
+from tpembed.train.gradcache import cached_micro_step
+from tpembed.train.loop import build_accelerator, micro_step_loss
 
 
 def main(config_path: str, out_dir: str, mode: str = "plain") -> None:
@@ -34,9 +34,9 @@ def main(config_path: str, out_dir: str, mode: str = "plain") -> None:
     done = set()
     for step in range(100):
         batch = batches.micro_batch(step, 0)
-        if batch["task"] in done:
+        if batch.task in done:
             continue
-        done.add(batch["task"])
+        done.add(batch.task)
         model.zero_grad(set_to_none=True)
         if mode == "gradcache":
 
@@ -56,7 +56,7 @@ def main(config_path: str, out_dir: str, mode: str = "plain") -> None:
                 if p.grad is not None
             }
             grads["__loss__"] = mean_loss.reshape(1)
-            save_file(grads, str(Path(out_dir) / f"{batch['task']}.safetensors"))
+            save_file(grads, str(Path(out_dir) / f"{batch.task.value}.safetensors"))
         if len(done) == 3:
             break
     accelerator.wait_for_everyone()

@@ -6,8 +6,8 @@ has no test switch.
 
 import sys
 
-import train.loop as loop
-from train.config import STAGE_DEFAULTS, load_config
+import tpembed.train.loop as loop
+from tpembed.train.config import STAGE_DEFAULTS, load_config
 
 poisoned_steps = {int(s) for s in sys.argv[1].split(",")}
 compute_loss = loop.micro_step_loss
@@ -15,7 +15,7 @@ compute_loss = loop.micro_step_loss
 
 def poisoned(encoder, objective, batch, device):
     loss, per_dim = compute_loss(encoder, objective, batch, device)
-    if batch["step"] + 1 in poisoned_steps:
+    if batch.step + 1 in poisoned_steps:
         loss = loss * float("nan")
     return loss, per_dim
 

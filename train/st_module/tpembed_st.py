@@ -1,6 +1,6 @@
 """The sentence-transformers input module of a model exported by tpembed.
 
-`python -m train.export` copies this file next to the exported weights, together
+`tpembed-export` copies this file next to the exported weights, together
 with `tpembed_templates.py` (tpembed's data/templates.py) and
 `tpembed_token_prepending.py` (tpembed's modeling/token_prepending.py), so the
 model loads with stock sentence-transformers and no tpembed installed:
@@ -31,7 +31,7 @@ class TPEmbedTransformer(InputModule):
     """Decoder backbone with tpembed's template and Token Prepending; outputs token embeddings."""
 
     config_file_name = "tpembed_st_config.json"
-    config_keys = ["text_format", "query_max_len", "passage_max_len", "tp_layers"]
+    config_keys = ["text_format", "query_max_len", "passage_max_len", "tp_layers", "mrl_dims"]
     save_in_root = True
 
     def __init__(
@@ -41,6 +41,7 @@ class TPEmbedTransformer(InputModule):
         query_max_len: int,
         passage_max_len: int,
         tp_layers: list[int],
+        mrl_dims: list[int] | None = None,
         model_kwargs: dict | None = None,
     ):
         super().__init__()
@@ -48,6 +49,7 @@ class TPEmbedTransformer(InputModule):
         self.query_max_len = query_max_len
         self.passage_max_len = passage_max_len
         self.tp_layers = list(tp_layers)
+        self.mrl_dims = list(mrl_dims) if mrl_dims else None  # recorded for evaluation; encoding ignores it
         self.format = TextFormat.from_dict(text_format)
         # float32 unless the caller asks otherwise: the exported embeddings equal training's in fp32
         model_kwargs = {"dtype": torch.float32, **(model_kwargs or {})}
