@@ -105,3 +105,10 @@ def test_allow_empty_text_keeps_the_record(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         read_dataset(tmp_path / "nope.jsonl", "retrieval", "x")
+
+
+def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"query": "q", "pos": "p"}\n' + '{"query": "café", "pos": "p"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{path.name}:2: not UTF-8 text \(byte 0xe9 at column 15\)"):
+        read_dataset(path, "retrieval", "x")

@@ -74,6 +74,14 @@ def test_quickstart_stage2_trains(quickstart_stage2, tmp_path):
 def test_init_from_something_else_fails(tmp_path):
     with pytest.raises(ConfigError, match="not a tpembed checkpoint"):
         build.init_source(stage2_config(tmp_path, tmp_path / "x"))
+    with pytest.raises(ConfigError, match=r"model.init_from: .*missing-run does not exist"):
+        build.init_source(stage2_config(tmp_path / "missing-run", tmp_path / "x"))
+
+
+def test_init_from_a_checkpoints_model_folder(quickstart_stage1, tmp_path):
+    checkpoint = build.init_source(stage2_config(quickstart_stage1, tmp_path / "a"))[0].parent
+    model_dir, source = build.init_source(stage2_config(checkpoint / "model", tmp_path / "b"))
+    assert model_dir == checkpoint / "model" and source.train.stage == 1
 
 
 def test_stage2_sampler_never_mixes_datasets_and_respects_eta(quickstart_stage1, tmp_path, qwen_tokenizer):
