@@ -97,6 +97,7 @@ class BatchBuilder:
         negative_fallback: str = "repeat",
         pad_to_multiple_of: int | None = None,
         packing: bool = False,
+        pack_row_tokens: int | None = None,
     ):
         if negative_fallback not in FALLBACKS:
             raise ValueError(f"hard_negative_fallback must be one of {FALLBACKS}, got {negative_fallback!r}")
@@ -119,6 +120,7 @@ class BatchBuilder:
         self.negative_fallback = negative_fallback
         self.pad_to_multiple_of = pad_to_multiple_of
         self.packing = packing
+        self.pack_row_tokens = pack_row_tokens
         self._members_by_label = {
             i: self._group_by_label(spec.data) for i, spec in enumerate(datasets) if spec.task is Task.classification
         }
@@ -250,7 +252,8 @@ class BatchBuilder:
         return np.random.default_rng([self.seed, _NEGATIVE_STREAM, dataset, epoch, index])
 
     def _tokenize(self, pieces: list[tuple[str, str, str]], max_length: int) -> dict[str, torch.Tensor]:
-        return tokenize(self.tokenizer, pieces, max_length, self.text_format, self.pad_to_multiple_of, self.packing)
+        return tokenize(self.tokenizer, pieces, max_length, self.text_format, self.pad_to_multiple_of, self.packing,
+                        self.pack_row_tokens)  # fmt: skip
 
     @staticmethod
     def _group_by_label(data: ClassificationData) -> dict[int, np.ndarray]:

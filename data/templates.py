@@ -153,8 +153,9 @@ def tokenize(
     text_format: TextFormat,
     pad_to_multiple_of: int | None = None,
     packed: bool = False,
+    pack_row_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Tokenise rendered pieces into a padded batch (or, `packed`, one padding-free row).
+    """Tokenise rendered pieces into a padded batch (or, `packed`, padding-free rows).
 
     Only the body is truncated, to the token budget left after head and tail, so
     the instruction and the template always survive and the last token is the
@@ -164,8 +165,8 @@ def tokenize(
         input_ids, attention_mask: (B, T) int64, padded on tokenizer.padding_side;
         last_token_positions: (B,) index of each row's last real token;
         placeholder_positions: (B,) index of the placeholder (only with a placeholder).
-    Packed (see pack_sequences): input_ids and position_ids (1, N), no attention_mask,
-    positions indexing the packed row, and sequence_lengths (B,).
+    Packed (see pack_sequences): input_ids and position_ids (rows, width), no attention_mask,
+    positions indexing each text's row, and sequence_rows / sequence_starts / sequence_lengths (B,).
     """
     extra_front = [tokenizer.bos_token_id] if text_format.prepend_bos else []
     extra_back = [tokenizer.eos_token_id] if text_format.append_eos else []
@@ -174,38 +175,84 @@ def tokenize(
     budget = max_length - len(extra_front) - len(extra_back)
 
     sequences = [extra_front + ids + extra_back for ids in _encode_within_budget(tokenizer, pieces, budget)]
-    placeholder_id = None
+    placeholder_offsets = None
     if text_format.placeholder is not None:
         placeholder_id = tokenizer.convert_tokens_to_ids(text_format.placeholder)
         if placeholder_id is None or placeholder_id == tokenizer.unk_token_id:
             raise ValueError(f"placeholder {text_format.placeholder!r} is not a token of the tokenizer")
+        placeholder_offsets = find_placeholders(sequences, placeholder_id)
     if packed:
-        return pack_sequences(sequences, placeholder_id)
-    return pad_sequences(sequences, tokenizer.pad_token_id, tokenizer.padding_side, placeholder_id, pad_to_multiple_of)
+        return pack_sequences(sequences, placeholder_offsets, pack_row_tokens, tokenizer.pad_token_id)
+    return pad_sequences(sequences, tokenizer.pad_token_id, tokenizer.padding_side, placeholder_offsets,
+                         pad_to_multiple_of)  # fmt: skip
 
 
-def pack_sequences(sequences: list[list[int]], placeholder_id: int | None = None) -> dict[str, torch.Tensor]:
-    """Concatenate sequences into one row without padding; positions restart at 0 for each
-    text, which Hugging Face decoders read as separate sequences (no attention across them)."""
-    input_ids = torch.tensor([token for ids in sequences for token in ids], dtype=torch.long).unsqueeze(0)  # (1, N)
-    position_ids = torch.cat([torch.arange(len(ids)) for ids in sequences]).unsqueeze(0)  # (1, N)
-    lengths = torch.tensor([len(ids) for ids in sequences], dtype=torch.long)
-    starts = torch.cumsum(lengths, 0) - lengths
+def find_placeholders(sequences: list[list[int]], placeholder_id: int) -> list[int]:
+    """The placeholder's index in each sequence, which must hold it exactly once."""
+    offsets = []
+    for row, ids in enumerate(sequences):
+        found = [i for i, token in enumerate(ids) if token == placeholder_id]
+        if len(found) != 1:
+            raise ValueError(f"sequence {row} holds the placeholder {len(found)} times; it must occur exactly once")
+        offsets.append(found[0])
+    return offsets
+
+
+def pack_sequences(
+    sequences: list[list[int]],
+    placeholder_offsets: list[int] | None = None,
+    row_tokens: int | None = None,
+    pad_token_id: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Pack token sequences into rows without padding between them.
+
+    Texts go into rows of at most `row_tokens` tokens (never less than the longest text;
+    None: the longest text) by first-fit decreasing, so a row's attention costs at most
+    row_tokens ** 2 however many texts the batch holds. Positions restart at 0 for each
+    text, which Hugging Face decoders read as separate sequences (no attention across
+    them); the unused end of a row is filler that forms a sequence of its own and is
+    never pooled.
+
+    Returns input_ids and position_ids (rows, width); per text, in input order:
+    sequence_rows, sequence_starts, sequence_lengths, last_token_positions (in the row)
+    and placeholder_positions (in the row; only with `placeholder_offsets`, each text's
+    placeholder index).
+    """
+    lengths = [len(ids) for ids in sequences]
+    capacity = max(row_tokens or 0, max(lengths))
+    fill: list[int] = []  # tokens used in each row
+    rows, starts = [0] * len(sequences), [0] * len(sequences)
+    for index in sorted(range(len(sequences)), key=lambda i: -lengths[i]):
+        row = next((r for r, used in enumerate(fill) if used + lengths[index] <= capacity), len(fill))
+        if row == len(fill):
+            fill.append(0)
+        rows[index], starts[index] = row, fill[row]
+        fill[row] += lengths[index]
+    width = max(fill)
+    input_ids = torch.full((len(fill), width), pad_token_id, dtype=torch.long)  # (rows, width)
+    position_ids = torch.zeros((len(fill), width), dtype=torch.long)  # (rows, width)
+    for ids, row, start in zip(sequences, rows, starts):
+        input_ids[row, start : start + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        position_ids[row, start : start + len(ids)] = torch.arange(len(ids))
+    for row, used in enumerate(fill):
+        position_ids[row, used:] = torch.arange(width - used)  # the filler: a sequence of its own
     batch = {
         "input_ids": input_ids,
         "position_ids": position_ids,
-        "last_token_positions": starts + lengths - 1,
-        "sequence_lengths": lengths,
+        "sequence_rows": torch.tensor(rows, dtype=torch.long),
+        "sequence_starts": torch.tensor(starts, dtype=torch.long),
+        "sequence_lengths": torch.tensor(lengths, dtype=torch.long),
+        "last_token_positions": torch.tensor([s + n - 1 for s, n in zip(starts, lengths)], dtype=torch.long),
     }
-    if placeholder_id is not None:
-        positions = []
-        for row, ids in enumerate(sequences):
-            found = [i for i, token in enumerate(ids) if token == placeholder_id]
-            if len(found) != 1:
-                raise ValueError(f"sequence {row} holds the placeholder {len(found)} times; it must occur exactly once")
-            positions.append(int(starts[row]) + found[0])
-        batch["placeholder_positions"] = torch.tensor(positions, dtype=torch.long)
+    if placeholder_offsets is not None:
+        batch["placeholder_positions"] = torch.tensor([s + o for s, o in zip(starts, placeholder_offsets)])
     return batch
+
+
+def packed_sequences(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """The token sequences of a packed batch, in text order (the inverse of pack_sequences)."""
+    spans = zip(batch["sequence_rows"].tolist(), batch["sequence_starts"].tolist(), batch["sequence_lengths"].tolist())
+    return [batch["input_ids"][row, start : start + length].tolist() for row, start, length in spans]
 
 
 def _encode_within_budget(tokenizer, pieces: list[tuple[str, str, str]], budget: int) -> list[list[int]]:
@@ -243,30 +290,27 @@ def pad_sequences(
     sequences: list[list[int]],
     pad_token_id: int,
     padding_side: str = "left",
-    placeholder_id: int | None = None,
+    placeholder_offsets: list[int] | None = None,
     pad_to_multiple_of: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Pad token id lists into tensors and compute the pooling and placeholder positions."""
+    """Pad token id lists into tensors and compute the pooling and placeholder positions
+    (`placeholder_offsets`: each sequence's placeholder index)."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     length = max(len(s) for s in sequences)
     if pad_to_multiple_of:
         length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    last_positions = torch.empty(len(sequences), dtype=torch.long)
-    placeholder_positions = torch.empty(len(sequences), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        start = length - len(ids) if padding_side == "left" else 0
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)  # (B, T)
+    starts = [length - len(ids) if padding_side == "left" else 0 for ids in sequences]
+    for row, (ids, start) in enumerate(zip(sequences, starts)):
         input_ids[row, start : start + len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, start : start + len(ids)] = 1
-        last_positions[row] = start + len(ids) - 1
-        if placeholder_id is not None:
-            found = [i for i, token in enumerate(ids) if token == placeholder_id]
-            if len(found) != 1:
-                raise ValueError(f"sequence {row} holds the placeholder {len(found)} times; it must occur exactly once")
-            placeholder_positions[row] = start + found[0]
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "last_token_positions": last_positions}
-    if placeholder_id is not None:
-        batch["placeholder_positions"] = placeholder_positions
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "last_token_positions": torch.tensor([s + len(ids) - 1 for s, ids in zip(starts, sequences)]),
+    }
+    if placeholder_offsets is not None:
+        batch["placeholder_positions"] = torch.tensor([s + o for s, o in zip(starts, placeholder_offsets)])
     return batch

@@ -79,28 +79,30 @@ class Encoder(nn.Module):
         last_token_positions: torch.Tensor | None = None,
         placeholder_positions: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        sequence_lengths: torch.Tensor | None = None,
+        sequence_rows: torch.Tensor | None = None,
+        **packing,
     ) -> torch.Tensor:
-        """Embed a padded batch, or texts packed into one row.
+        """Embed a padded batch, or texts packed into rows.
 
         Args:
             input_ids, attention_mask: (B, T); no attention_mask means packed: input_ids
-                (1, N) holds every text, `position_ids` (1, N) restart at 0 per text.
-            last_token_positions: (texts,) index of each text's last real token (in its
-                row, or in the packed row); derived from the mask when None.
-            placeholder_positions: (texts,) index of the Token Prepending placeholder;
-                required when Token Prepending is attached.
-            sequence_lengths: (texts,) lengths of packed texts (not needed here).
+                (rows, width) hold the texts, `position_ids` (rows, width) restart at 0 per text.
+            last_token_positions: (texts,) index of each text's last real token in its row;
+                derived from the mask when None.
+            placeholder_positions: (texts,) index of the Token Prepending placeholder in its
+                row; required when Token Prepending is attached.
+            sequence_rows: (texts,) packed: the row of each text.
+            packing: the rest of a packed batch (sequence_starts, sequence_lengths), unused here.
         Returns:
             (texts, embedding_dim).
         """
         packed = attention_mask is None
         if packed:
-            if last_token_positions is None or position_ids is None:
-                raise ValueError("packed input needs position_ids and last_token_positions")
+            if last_token_positions is None or position_ids is None or sequence_rows is None:
+                raise ValueError("packed input needs position_ids, sequence_rows and last_token_positions")
             if Pooling(self.spec.pooling) is not Pooling.last_token:
                 raise ValueError("packed batches support last_token pooling only")
-            rows = torch.zeros_like(last_token_positions)
+            rows = sequence_rows
         else:
             if last_token_positions is None:
                 last_token_positions = positions_from_mask(attention_mask)
@@ -123,7 +125,7 @@ class Encoder(nn.Module):
                 "so Token Prepending could not run; this architecture is not supported with TP"
             )
         if packed:
-            pooled = hidden[0, last_token_positions]  # (texts, H)
+            pooled = hidden[rows, last_token_positions]  # (texts, H)
         else:
             pooled = pool(hidden, attention_mask, Pooling(self.spec.pooling), last_token_positions)  # (B, H)
         if self.head is None:

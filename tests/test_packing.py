@@ -26,7 +26,8 @@ def builders(tokenizer, tp):
     for packing in (False, True):
         sampler = GroupedStepSampler([len(data)], [6], seed=2, probabilities=np.array([1.0]))
         spec = DatasetSpec(data, "retrieve", 6, num_hard_negatives=2)
-        made.append(BatchBuilder([spec], sampler, tokenizer, text_format, Lengths(40, 40), seed=2, packing=packing))
+        made.append(BatchBuilder([spec], sampler, tokenizer, text_format, Lengths(40, 40), seed=2, packing=packing,
+                                 pack_row_tokens=64))  # fmt: skip
     return made
 
 
@@ -36,12 +37,11 @@ def test_packed_equals_padded(tiny_encoder, qwen_tokenizer, tp):
         tiny_encoder.set_tp_layers("1-7")
     padded_builder, packed_builder = builders(qwen_tokenizer, tp)
     padded, packed = padded_builder.micro_batch(0, 0), packed_builder.micro_batch(0, 0)
-    assert packed.anchors["input_ids"].shape[0] == 1 and "attention_mask" not in packed.anchors
-    assert (
-        packed.num_tokens
-        == padded.num_tokens
-        == packed.anchors["input_ids"].shape[1] + packed.candidates["input_ids"].shape[1]
-    )
+    for side in (packed.anchors, packed.candidates):  # rows of at most 64 tokens, each shared by several texts
+        assert "attention_mask" not in side and side["input_ids"].shape[1] <= 64
+        assert side["input_ids"].shape[0] < len(side["sequence_lengths"])
+    real = sum(int(side["sequence_lengths"].sum()) for side in (packed.anchors, packed.candidates))
+    assert packed.num_tokens == padded.num_tokens == real
     with torch.no_grad():
         for side in ("anchors", "candidates"):
             torch.testing.assert_close(
@@ -77,3 +77,22 @@ def test_unsupported_attention_falls_back_with_a_message(caplog):
         assert build.packing_enabled(config) is False
     assert "cannot separate packed texts; falling back to padded batches" in caplog.text
     assert build.packing_enabled(load_config(["--packing", "true"])) is True
+
+
+def test_first_fit_decreasing_rows():
+    from tpembed.data.templates import pack_sequences, packed_sequences
+
+    sequences = [[1] * 5, [2] * 3, [3] * 2, [4] * 4]  # placeholders at offsets 0, 1, 1, 3
+    batch = pack_sequences(sequences, [0, 1, 1, 3])
+    # capacity 5 (the longest): 5 -> row 0; 4 -> row 1; 3 -> row 2; 2 fits only row 2 (3 + 2)
+    assert batch["sequence_rows"].tolist() == [0, 2, 2, 1]
+    assert batch["sequence_starts"].tolist() == [0, 0, 3, 0]
+    assert batch["input_ids"].tolist() == [[1] * 5, [4] * 4 + [0], [2, 2, 2, 3, 3]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert batch["last_token_positions"].tolist() == [4, 2, 4, 3]
+    assert batch["placeholder_positions"].tolist() == [0, 1, 4, 3]
+    assert packed_sequences(batch) == sequences
+    # a row budget of 8: 5 + 3 and 4 + 2
+    wide = pack_sequences(sequences, row_tokens=8)
+    assert wide["sequence_rows"].tolist() == [0, 0, 1, 1] and wide["input_ids"].shape == (2, 8)
+    assert packed_sequences(wide) == sequences

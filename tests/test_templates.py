@@ -125,9 +125,10 @@ def test_placeholder_inside_user_text_is_removed(qwen_tokenizer):
 
 
 def test_a_sequence_without_exactly_one_placeholder_is_refused(qwen_tokenizer):
-    from tpembed.data.templates import pad_sequences
+    from tpembed.data.templates import find_placeholders
 
     with pytest.raises(ValueError, match="exactly once"):
-        pad_sequences([[1, 151644, 2, 151644]], 0, "left", placeholder_id=151644)
+        find_placeholders([[1, 151644, 2, 151644]], placeholder_id=151644)
     with pytest.raises(ValueError, match="exactly once"):
-        pad_sequences([[1, 2]], 0, "left", placeholder_id=151644)
+        find_placeholders([[1, 2]], placeholder_id=151644)
+    assert find_placeholders([[151644, 1], [1, 2, 151644]], 151644) == [0, 2]

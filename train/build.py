@@ -328,6 +328,7 @@ def build_batches(
         negative_fallback=config.data.hard_negative_fallback,
         pad_to_multiple_of=config.data.pad_to_multiple_of,
         packing=packing_enabled(config),
+        pack_row_tokens=config.data.pack_row_tokens,
     )
 
 

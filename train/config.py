@@ -158,6 +158,10 @@ class DataConfig:
         "implementation that reads packed position ids: sdpa, eager, flash_attention_2/3)",
         False,
     )
+    pack_row_tokens: Positive | None = _help(
+        "packing: tokens per row (default: the batch side's longest text); a row's attention costs its square",
+        None,
+    )
 
 
 @dataclass

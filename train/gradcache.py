@@ -23,6 +23,7 @@ import torch
 
 from tpembed.data import MicroBatch
 from tpembed.data.batches import text_lengths
+from tpembed.data.templates import pack_sequences, packed_sequences
 from tpembed.modeling.distributed import all_finite
 from tpembed.train.step import task_loss
 
@@ -48,28 +49,22 @@ def split_rows(
 
 
 def take_rows(batch: dict[str, torch.Tensor], rows: range, padding_side: str) -> dict[str, torch.Tensor]:
-    """Texts `rows` of a token batch: padded rows trimmed of all-padding columns, or the
-    packed tokens of those texts."""
+    """Texts `rows` of a token batch: padded rows trimmed of all-padding columns, or those
+    texts packed again on their own (into rows no longer than the batch's)."""
     if "attention_mask" not in batch:
-        lengths = batch["sequence_lengths"]
-        begin = int(lengths[: rows.start].sum())
-        end = begin + int(lengths[rows.start : rows.stop].sum())
-        part = {
-            "input_ids": batch["input_ids"][:, begin:end],
-            "position_ids": batch["position_ids"][:, begin:end],
-            "sequence_lengths": lengths[rows.start : rows.stop],
-        }
-        shift = begin
-    else:
-        mask = batch["attention_mask"][rows.start : rows.stop]
-        length = int(mask.sum(dim=1).max())
-        width = mask.shape[1]
-        columns = slice(width - length, width) if padding_side == "left" else slice(0, length)
-        part = {"input_ids": batch["input_ids"][rows.start : rows.stop, columns], "attention_mask": mask[:, columns]}
-        shift = columns.start
+        sequences = packed_sequences(batch)[rows.start : rows.stop]
+        offsets = None
+        if "placeholder_positions" in batch:
+            offsets = (batch["placeholder_positions"] - batch["sequence_starts"])[rows.start : rows.stop].tolist()
+        return pack_sequences(sequences, offsets, row_tokens=batch["input_ids"].shape[1])
+    mask = batch["attention_mask"][rows.start : rows.stop]
+    length = int(mask.sum(dim=1).max())
+    width = mask.shape[1]
+    columns = slice(width - length, width) if padding_side == "left" else slice(0, length)
+    part = {"input_ids": batch["input_ids"][rows.start : rows.stop, columns], "attention_mask": mask[:, columns]}
     for key in ("last_token_positions", "placeholder_positions"):
         if key in batch:
-            part[key] = batch[key][rows.start : rows.stop] - shift
+            part[key] = batch[key][rows.start : rows.stop] - columns.start
     return part
 
 
