@@ -32,6 +32,7 @@ from tpembed.train.engine import Engine, create_engine
 from tpembed.train.events import NonFiniteError, StepEvents, StepResult, open_run_dir, trackers
 from tpembed.train.gradcache import cached_micro_step
 from tpembed.train.step import micro_step_loss
+from tpembed.train.telemetry import cpu_has_fast_bf16
 
 __all__ = ["NonFiniteError", "build_accelerator", "micro_step_loss", "run_stage", "train"]
 
@@ -85,8 +86,13 @@ def run_stage(stage: int, argv: list[str] | None = None, description: str = "") 
 def build_accelerator(config: Config) -> Accelerator:
     use_cuda = torch.cuda.is_available() and not config.train.cpu
     mixed_precision = config.train.mixed_precision
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "no"
+    if mixed_precision == "auto":  # bf16 where the hardware has it: supporting GPUs, CPUs with AVX512-BF16/AMX
+        mixed_precision = "bf16" if (torch.cuda.is_bf16_supported() if use_cuda else cpu_has_fast_bf16()) else "no"
+    elif mixed_precision == "bf16" and not use_cuda and not cpu_has_fast_bf16():
+        logger.warning(
+            "train.mixed_precision: bf16 on a CPU without AVX512-BF16 or AMX is emulated and many times slower "
+            "than fp32; use --mixed-precision auto (fp32 here) or no"
+        )
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # CPU processes talk over gloo (DeepSpeed too, which would otherwise ask for a GPU backend)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not use_cuda else []

@@ -9,6 +9,8 @@ counted, as MFU conventionally excludes it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 # dense bf16 TFLOP/s (no sparsity) of common training GPUs, matched against the device name
@@ -54,3 +56,14 @@ class FlopCounter:
     def step(self, tokens: float, squared_lengths: float) -> float:
         """Model FLOPs of one training step."""
         return 6 * self.parameters_per_token * tokens + self.attention_per_square * squared_lengths
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it, PyTorch's
+    bf16 matmuls on the CPU are emulated: on an AVX2-only AMD EPYC a 1024x576x1536 product took
+    1.49 s in bf16 against 22 ms in fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
