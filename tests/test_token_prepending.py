@@ -52,13 +52,13 @@ def padded_batch(padding_side):
 
 def reference_forward(model, inputs_embeds, mask, placeholder, last, layers):
     """The decoder run layer by layer, with the Token Prepending copy written out."""
-    position_ids = torch.arange(inputs_embeds.shape[1]).unsqueeze(0)
+    position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
     causal = create_causal_mask(
         config=model.config, inputs_embeds=inputs_embeds, attention_mask=mask, cache=None, position_ids=position_ids
     )
     hidden = inputs_embeds
     position_embeddings = model.rotary_emb(hidden, position_ids)
-    rows = torch.arange(hidden.shape[0])
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
     for index, layer in enumerate(model.layers):
         if index in layers:
             copied = hidden.clone()
@@ -127,7 +127,7 @@ class CopyingLayer(nn.Module):
         self.layer, self.state = layer, state
 
     def forward(self, hidden, *args, **kwargs):
-        rows = torch.arange(hidden.shape[0])
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
         copied = hidden.clone()
         copied[rows, self.state["placeholder"]] = hidden[rows, self.state["last"]]
         return self.layer(copied, *args, **kwargs)
