@@ -4,7 +4,8 @@
 
 nli-triplets: NLI records {premise, hypothesis, label} grouped by premise into
 retrieval records {"query": premise, "pos": [entailed hypotheses],
-"negs": [contradicting hypotheses]}; premises without both are skipped.
+"negs": [contradicting hypotheses]}; premises without both are skipped (the
+`nli-triplets` converter of tpembed-convert, which has more options).
 drop-empty: copy records, leaving out those whose query, positive or text fields
 are empty (training refuses them, see data/formats.py).
 (NLI pairs need no preparation: the `sts` reader maps their labels to 2/1/0.)
@@ -21,26 +22,10 @@ from tpembed.data.formats import iter_rows
 
 
 def nli_triplets(source: str | Path, target: str | Path) -> int:
-    groups: dict[str, dict[str, list[str]]] = {}
-    for location, row in iter_rows(source):
-        label = str(row.get("label", "")).strip().lower()
-        if label not in ("entailment", "contradiction"):
-            continue
-        premise, hypothesis = row.get("premise"), row.get("hypothesis")
-        if not isinstance(premise, str) or not isinstance(hypothesis, str) or not premise.strip():
-            raise ValueError(f"{location}: expected string premise and hypothesis")
-        if hypothesis.strip():
-            groups.setdefault(premise, {"entailment": [], "contradiction": []})[label].append(hypothesis)
-    records = [
-        {"query": premise, "pos": group["entailment"], "negs": group["contradiction"]}
-        for premise, group in groups.items()
-        if group["entailment"] and group["contradiction"]
-    ]
-    Path(target).parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return len(records)
+    """NLI pairs grouped by premise into retrieval records (tpembed-convert nli-triplets)."""
+    from tpembed.data.convert import convert
+
+    return convert("nli-triplets", source, target, overwrite=True, provenance=False).written
 
 
 TEXT_FIELDS = ("query", "question", "pos", "positive", "text", "text1", "text2", "sentence1", "sentence2")

@@ -205,24 +205,35 @@ def embedder_encode_fn(embedder, batch_size: int = 32, show_progress: bool = Fal
     return encode
 
 
-def sentence_transformer_encode_fn(path: str, batch_size: int = 32, show_progress: bool = False):
-    """An exported directory: instructions become the prompt tpembed's module expects.
+def sentence_transformer_encode_fn(path: str, batch_size: int = 32, show_progress: bool = False, device=None):
+    """An exported directory: instructions become the prompt tpembed's module expects. Any other
+    sentence-transformers model encodes with its own prompts (`query` on the query side, `document`
+    or `passage` on the document side, when it has them), whatever the instruction.
 
     Returns (encode, the Matryoshka dims the export records)."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(path, trust_remote_code=True)
+    model = SentenceTransformer(path, trust_remote_code=True, device=device)
     config_path = Path(path) / "tpembed_st_config.json"
-    stored = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    instruction_format = stored.get("text_format", {}).get("instruction_format", "{instruction}")
+    stored = json.loads(config_path.read_text()) if config_path.is_file() else None
     dim = model.get_embedding_dimension()
-    # exports of tpembed < 0.2 do not record their dims: the method's defaults that fit
-    dims = stored.get("mrl_dims") or [d for d in DEFAULT_MRL_DIMS if d <= dim] or [dim]
+    if stored is None:
+        dims = [dim]
+        own = {side: next((n for n in names if n in model.prompts), None)
+               for side, names in (("query", ("query",)), ("document", ("document", "passage")))}  # fmt: skip
+    else:
+        # exports of tpembed < 0.2 do not record their dims: the method's defaults that fit
+        dims = stored.get("mrl_dims") or [d for d in DEFAULT_MRL_DIMS if d <= dim] or [dim]
+        instruction_format = stored["text_format"]["instruction_format"]
 
     def encode(texts: list[str], instruction: str | None) -> torch.Tensor:
-        prompt = instruction_format.format(instruction=instruction) if instruction else None
+        side = "query" if instruction else "document"
+        if stored is None:
+            prompt = {"prompt_name": own[side]}
+        else:
+            prompt = {"prompt": instruction_format.format(instruction=instruction) if instruction else None}
         return model.encode(
-            texts, prompt=prompt, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress
+            texts, **prompt, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress
         ).cpu()
 
     return encode, dims
@@ -291,30 +302,47 @@ def _tasks(args) -> list[EvalTaskConfig]:
     return tasks
 
 
-def _model(args) -> tuple[EncodeFn, list[int], str]:
-    """(encode, the model's Matryoshka dims, its name) of a base LM, an export or a checkpoint."""
+def open_model(
+    model: str | None = None,
+    *,
+    base_model: str | None = None,
+    template: str = "prompteol",
+    tp_layers=None,
+    pooling: str = "last_token",
+    use_placeholder: bool = True,
+    placeholder: str | None = None,
+    max_length: int = 512,
+    query_max_len: int | None = None,
+    passage_max_len: int | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+    device=None,
+) -> tuple[EncodeFn, list[int], str]:
+    """(encode, the model's Matryoshka dims, its name) of a tpembed run, checkpoint or model
+    directory, a sentence-transformers directory (a tpembed export or any other), or a base LM
+    without training (`base_model`: PromptEOL, optionally Token Prepending)."""
     from tpembed.train.embedder import Embedder
 
-    progress = not args.no_progress
-    if args.base_model:
+    if base_model:
         embedder = Embedder.from_base_model(
-            args.base_model,
-            template=args.template,
-            tp_layers=args.tp_layers or (),
-            pooling=args.pooling,
-            use_placeholder=not args.no_placeholder,
-            placeholder=args.placeholder,
-            max_length=args.max_length,
+            base_model,
+            template=template,
+            tp_layers=tp_layers or (),
+            pooling=pooling,
+            use_placeholder=use_placeholder,
+            placeholder=placeholder,
+            max_length=max_length,
+            device=device,
         )
-        return embedder_encode_fn(embedder, args.batch_size, progress), [embedder.embedding_dim], args.base_model
-    if (Path(args.model) / "modules.json").is_file():
-        encode, dims = sentence_transformer_encode_fn(args.model, args.batch_size, progress)
-        return encode, dims, args.model
+        return embedder_encode_fn(embedder, batch_size, progress), [embedder.embedding_dim], base_model
+    if (Path(model) / "modules.json").is_file():
+        encode, dims = sentence_transformer_encode_fn(model, batch_size, progress, device)
+        return encode, dims, model
     embedder = Embedder.from_checkpoint(
-        args.model, tp_layers=args.tp_layers, query_max_len=args.query_max_len, passage_max_len=args.passage_max_len
+        model, tp_layers=tp_layers, query_max_len=query_max_len, passage_max_len=passage_max_len, device=device
     )
     dims = embedder.encoder.spec.mrl_dims if embedder.encoder.head is not None else [embedder.embedding_dim]
-    return embedder_encode_fn(embedder, args.batch_size, progress), dims, args.model
+    return embedder_encode_fn(embedder, batch_size, progress), dims, model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,7 +354,20 @@ def main(argv: list[str] | None = None) -> int:
         tasks = _tasks(args)
     except ConfigError as error:
         parser.error(str(error))
-    encode, dims, name = _model(args)
+    encode, dims, name = open_model(
+        args.model,
+        base_model=args.base_model,
+        template=args.template,
+        tp_layers=args.tp_layers,
+        pooling=args.pooling,
+        use_placeholder=not args.no_placeholder,
+        placeholder=args.placeholder,
+        max_length=args.max_length,
+        query_max_len=args.query_max_len,
+        passage_max_len=args.passage_max_len,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
     results = {"model": name, **evaluate(encode, tasks, args.dims or dims)}
     print(format_table(results))
     if args.output_dir:
