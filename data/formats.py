@@ -51,12 +51,27 @@ class DataError(ValueError):
     def __init__(self, location: str, field_name: str | None, problem: str):
         self.location = location
         self.field_name = field_name
+        self.problem = problem
         where = f"{location}: field '{field_name}'" if field_name else location
         super().__init__(f"{where}: {problem}")
 
 
+class _Columns:
+    """Columns are lists, or columns of a memory-mapped Arrow table (data/store.py) that
+    answer `column[i]` the same way; a cached dataset stores its distinct instructions."""
+
+    distinct: set[str] | None = None
+    cache_path = None  # the Arrow cache directory (data/store.py), if any
+
+    @property
+    def distinct_instructions(self) -> set[str]:
+        if self.distinct is None:
+            self.distinct = {i for i in self.instructions if i is not None}
+        return self.distinct
+
+
 @dataclass
-class RetrievalData:
+class RetrievalData(_Columns):
     name: str
     queries: list[str] = field(default_factory=list)
     positives: list[list[str]] = field(default_factory=list)
@@ -69,7 +84,7 @@ class RetrievalData:
 
 
 @dataclass
-class PairData:
+class PairData(_Columns):
     name: str
     texts1: list[str] = field(default_factory=list)
     texts2: list[str] = field(default_factory=list)
@@ -83,7 +98,7 @@ class PairData:
 
 
 @dataclass
-class ClassificationData:
+class ClassificationData(_Columns):
     name: str
     texts: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
@@ -162,6 +177,59 @@ def _iter_arrow(path: Path) -> Iterator[tuple[str, dict]]:
         yield f"{path} row {number}", record
 
 
+# the canonical row of each task, in this order (the columns of a converted dataset)
+COLUMNS = {
+    Task.retrieval: ("query", "pos", "negs", "instruction"),
+    Task.sts: ("text1", "text2", "score", "instruction"),
+    Task.classification: ("text", "label", "instruction"),
+}
+
+
+class RecordParser:
+    """Validates one record into its task's canonical row (COLUMNS order); DataError names the
+    location and the field. What it changes without failing goes to `report`."""
+
+    def __init__(
+        self,
+        task: Task | str,
+        *,
+        allow_empty_text: bool = False,
+        score_range: tuple[float, float] | None = None,
+        placeholder: str | None = None,
+        report: ReadReport | None = None,
+        required_negatives: int = 0,
+    ):
+        self.task = Task(task)
+        self.score_range = score_range
+        self.required_negatives = required_negatives
+        self.report = report if report is not None else ReadReport()
+        self.reader = _RecordReader(allow_empty_text, placeholder, self.report)
+
+    def __call__(self, record: dict, location: str) -> tuple:
+        reader = self.reader
+        if self.task is Task.retrieval:
+            query = reader.text(record, QUERY_FIELDS, location)
+            positives = reader.text_list(record, POSITIVE_FIELDS, location, required=True)
+            negatives = reader.text_list(record, NEGATIVE_FIELDS, location, required=False)
+            if len(negatives) < self.required_negatives:
+                raise DataError(
+                    location,
+                    "negs",
+                    f"{len(negatives)} hard negatives, {self.required_negatives} required "
+                    "(data.hard_negative_fallback: error; 'repeat' or 'random' fill the gap instead)",
+                )
+            return query, positives, negatives, reader.instruction(record, location)
+        if self.task is Task.sts:
+            text1 = reader.text(record, TEXT1_FIELDS, location)
+            text2 = reader.text(record, TEXT2_FIELDS, location)
+            return text1, text2, reader.score(record, location, self.score_range), reader.instruction(record, location)
+        text = reader.text(record, TEXT_FIELDS, location)
+        label_field, label = _first_present(record, LABEL_FIELDS)
+        if label_field is None or label is None or isinstance(label, (list, dict)) or str(label) == "":
+            raise DataError(location, "label", "missing or not a single label (string or integer)")
+        return text, str(label), reader.instruction(record, location)
+
+
 def read_dataset(
     path: str | Path,
     task: Task | str,
@@ -173,60 +241,41 @@ def read_dataset(
     report: ReadReport | None = None,
     required_negatives: int = 0,
 ):
-    """Read and validate one dataset into RetrievalData, PairData or ClassificationData.
+    """Read and validate one dataset into memory: RetrievalData, PairData or ClassificationData.
+    (Training reads through data/store.py, which converts once to memory-mapped Arrow.)
 
     `required_negatives` > 0 makes a retrieval record with fewer hard negatives an error
     (the `error` hard-negative fallback)."""
-    task = Task(task)
-    report = report if report is not None else ReadReport()
-    reader = _RecordReader(allow_empty_text, placeholder, report)
-    if task is Task.retrieval:
-        data = RetrievalData(name)
-        for location, record in iter_rows(path):
-            query = reader.text(record, QUERY_FIELDS, location)
-            positives = reader.text_list(record, POSITIVE_FIELDS, location, required=True)
-            negatives = reader.text_list(record, NEGATIVE_FIELDS, location, required=False)
-            if len(negatives) < required_negatives:
-                raise DataError(
-                    location,
-                    "negs",
-                    f"{len(negatives)} hard negatives, {required_negatives} required "
-                    "(data.hard_negative_fallback: error; 'repeat' or 'random' fill the gap instead)",
-                )
-            data.queries.append(query)
-            data.positives.append(positives)
-            data.negatives.append(negatives)
-            data.instructions.append(reader.instruction(record, location))
-    elif task is Task.sts:
-        data = PairData(name)
-        for location, record in iter_rows(path):
-            data.texts1.append(reader.text(record, TEXT1_FIELDS, location))
-            data.texts2.append(reader.text(record, TEXT2_FIELDS, location))
-            data.scores.append(reader.score(record, location, score_range))
-            data.instructions.append(reader.instruction(record, location))
+    parse = RecordParser(task, allow_empty_text=allow_empty_text, score_range=score_range, placeholder=placeholder,
+                         report=report, required_negatives=required_negatives)  # fmt: skip
+    rows = [parse(record, location) for location, record in iter_rows(path)]
+    columns = [list(column) for column in zip(*rows)] if rows else [[] for _ in COLUMNS[parse.task]]
+    if parse.task is Task.retrieval:
+        data = RetrievalData(name, *columns)
+    elif parse.task is Task.sts:
+        data = PairData(name, *columns)
     else:
-        data = ClassificationData(name)
+        texts, labels, instructions = columns
         label_ids: dict[str, int] = {}
-        for location, record in iter_rows(path):
-            text = reader.text(record, TEXT_FIELDS, location)
-            label_field, label = _first_present(record, LABEL_FIELDS)
-            if label_field is None or label is None or isinstance(label, (list, dict)) or str(label) == "":
-                raise DataError(location, "label", "missing or not a single label (string or integer)")
-            data.texts.append(text)
-            data.labels.append(label_ids.setdefault(str(label), len(label_ids)))
-            data.instructions.append(reader.instruction(record, location))
-        data.label_names = list(label_ids)
-        _drop_singleton_labels(data, report)
-        if len(set(data.labels)) < 2:
-            raise DataError(
-                str(path),
-                "label",
-                f"a classification dataset needs at least two labels with two texts each, "
-                f"found {len(set(data.labels))} (of {len(label_ids)} labels)",
-            )
+        ids = [label_ids.setdefault(label, len(label_ids)) for label in labels]
+        data = ClassificationData(name, texts, ids, list(label_ids), instructions)
+        _drop_singleton_labels(data, parse.report)
+        check_labels(path, data.labels, len(label_ids))
     if len(data) == 0:
         raise DataError(str(path), None, "the dataset holds no records")
     return data
+
+
+def check_labels(path, labels, num_labels: int) -> None:
+    """A classification dataset needs two labels that each have two texts (after singletons went)."""
+    kept = len(set(labels))
+    if kept < 2:
+        raise DataError(
+            str(path),
+            "label",
+            f"a classification dataset needs at least two labels with two texts each, found {kept} (of "
+            f"{num_labels} labels)",
+        )
 
 
 class _RecordReader:

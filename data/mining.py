@@ -75,6 +75,7 @@ class MiningSettings:
 
 # ---- texts ------------------------------------------------------------------------------
 
+
 def normalize_text(text: str) -> str:
     """Case, width, whitespace and punctuation folded away (NFKC, casefold, then only letters,
     digits and symbols kept): near-duplicates compare equal, in any script."""

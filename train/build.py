@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +22,14 @@ from tpembed.data import (
     Task,
     TextFormat,
     ensure_placeholder,
-    read_dataset,
     sampling_probabilities,
 )
+from tpembed.data.store import load_dataset
 from tpembed.modeling import EmbeddingObjective, Encoder, EncoderSpec, load_backbone, load_tokenizer
 from tpembed.modeling.backbone import backbone_config
 from tpembed.modeling.encoder import read_encoder_spec
 from tpembed.modeling.token_prepending import check_layer_range, format_tp_layers
-from tpembed.train.checkpoint import MODEL_DIR, resolve_checkpoint
+from tpembed.train.checkpoint import MODEL_DIR, load_trainer_state, resolve_checkpoint
 from tpembed.train.config import Config, ConfigError, DatasetConfig, flatten, load_saved_config, to_dict
 
 logger = logging.getLogger("tpembed")
@@ -74,14 +77,23 @@ class RunSetup:
     batches: BatchBuilder
 
 
-def setup_run(config: Config, resume: Path | None = None, num_processes: int = 1, rank: int = 0) -> RunSetup:
-    """Tokenizer, template, Token Prepending layers, every dataset (validated record by record),
-    length checks, the sampler and this rank's batch builder."""
+def setup_run(
+    config: Config,
+    resume: Path | None = None,
+    num_processes: int = 1,
+    rank: int = 0,
+    main_process_first: Callable[[], AbstractContextManager] = nullcontext,
+) -> RunSetup:
+    """Tokenizer, template, Token Prepending layers, every dataset (validated record by record
+    into its Arrow cache by the first process of each machine while the others wait), length
+    checks, the sampler and this rank's batch builder. A resumed run reads the dataset versions
+    its checkpoint started with."""
     init = init_source(config) if resume is None else None
     model_dir = resume / MODEL_DIR if resume else (init[0] if init else None)
     text = build_text(config, model_dir)
     tp_layers = check_tp_layers(config, model_dir)
-    specs, report = build_datasets(config, text.text_format)
+    pinned = load_trainer_state(resume).get("datasets", {}) if resume else {}
+    specs, report = build_datasets(config, text.text_format, main_process_first, pinned)
     check_lengths(config, specs, text)
     sampler = build_sampler(config, specs)
     batches = build_batches(config, specs, sampler, text, num_processes, rank)
@@ -245,8 +257,14 @@ def dataset_configs(config: Config) -> list[DatasetConfig]:
     return datasets
 
 
-def build_datasets(config: Config, text_format: TextFormat) -> tuple[list[DatasetSpec], ReadReport]:
-    """Read and validate every training dataset (errors name file, line and field)."""
+def build_datasets(
+    config: Config,
+    text_format: TextFormat,
+    main_process_first: Callable[[], AbstractContextManager] = nullcontext,
+    pinned: dict[str, str] | None = None,
+) -> tuple[list[DatasetSpec], ReadReport]:
+    """Every training dataset, validated (errors name file, line and field) and memory-mapped
+    from its Arrow cache (data/store.py); `pinned` maps names to the caches a resumed run keeps."""
     configs = dataset_configs(config)
     if not configs:
         raise ConfigError("data.datasets: no training data; list datasets in the config or pass --train-files")
@@ -255,7 +273,7 @@ def build_datasets(config: Config, text_format: TextFormat) -> tuple[list[Datase
     for dataset in configs:
         name = dataset.name or Path(dataset.path).stem
         k = config.data.num_hard_negatives if dataset.num_hard_negatives is None else dataset.num_hard_negatives
-        data = read_dataset(
+        data = load_dataset(
             dataset.path,
             dataset.task,
             name,
@@ -264,6 +282,12 @@ def build_datasets(config: Config, text_format: TextFormat) -> tuple[list[Datase
             placeholder=text_format.placeholder,
             report=report,
             required_negatives=k if config.data.hard_negative_fallback == "error" else 0,
+            cache_dir=config.data.cache_dir,
+            num_proc=config.data.num_proc or min(8, os.cpu_count() or 1),
+            main_process_first=main_process_first,
+            pinned=(pinned or {}).get(name),
+            progress=config.logging.progress_bar,
+            warn=logger.warning,
         )
         batch_size = dataset.batch_size or config.data.batch_size
         if len(data) < batch_size:
@@ -284,7 +308,7 @@ def check_lengths(config: Config, specs: list[DatasetSpec], text: TextSetup) -> 
     fmt = text.text_format
     extra = int(fmt.append_eos) + int(fmt.prepend_bos)
     for spec in specs:
-        instructions = {spec.instruction, *getattr(spec.data, "instructions", [])} - {None}
+        instructions = {spec.instruction, *spec.data.distinct_instructions} - {None}
         sides = [(instruction, config.data.query_max_len, "data.query_max_len") for instruction in instructions]
         if spec.task is Task.retrieval:
             sides.append((None, config.data.passage_max_len, "data.passage_max_len"))

@@ -152,6 +152,12 @@ class DataConfig:
     prepend_bos: bool = _help("start every sequence with the tokenizer's BOS token", False)
     allow_empty_text: bool = _help("render empty queries/positives as 'Null' instead of failing", False)
     num_workers: NonNegative = _help("DataLoader worker processes that build and tokenise batches ahead", 0)
+    cache_dir: str | None = _help(
+        "where datasets are converted to memory-mapped Arrow, once per version (default $TPEMBED_CACHE/datasets, "
+        "else ~/.cache/tpembed/datasets; a local disk of each machine)",
+        None,
+    )
+    num_proc: Positive | None = _help("processes that validate a new dataset version (default: cores, at most 8)", None)
     pad_to_multiple_of: int | None = _help("pad sequence lengths to a multiple of this (8 helps tensor cores)", None)
     packing: bool = _help(
         "padding-free batches: texts packed into rows with per-text position ids (needs an attention "

@@ -10,15 +10,28 @@
     # a base LM without training (PromptEOL, optional Token Prepending)
     tpembed-eval --base-model PATH --template prompteol --tp-layers 1-7 --tasks configs/eval/english_dev.yaml
 
+    # mteb's own tasks, a benchmark or task names (needs `pip install 'tpembed[mteb]'` and the hub)
+    tpembed-eval runs/qwen3_8b_stage2 --mteb "MTEB(cmn, v1)" --dims 256 1792 --output-dir evals/cmteb
+
 Tasks:
-  sts        JSONL {sentence1, sentence2, score}: Spearman of cosine x100; the
-             instruction goes on both sides.
-  retrieval  BEIR layout (corpus.jsonl, queries.jsonl, qrels/<split>.tsv):
-             nDCG@10, Recall@10, MRR@10 x100; the instruction goes on queries,
-             documents are "title text".
+  sts             JSONL {sentence1, sentence2, score}: Spearman of cosine x100;
+                  the instruction goes on both sides.
+  retrieval       BEIR layout (corpus.jsonl, queries.jsonl, qrels/<split>.tsv):
+                  nDCG@10, Recall@10, MRR@10 x100; the instruction goes on
+                  queries, documents are "title text".
+  classification  a directory of JSONL {sentence|text, label}: logistic regression
+                  fitted on train.jsonl, accuracy (and macro F1) x100 on <split>.jsonl.
+  clustering      the same files (<split>.jsonl, or `path` a JSONL file): k-means
+                  with k = the number of labels, V-measure x100.
+  Classification and clustering put the instruction on every text, and read the
+  embeddings sliced to each dim and normalised, like the other tasks.
 
 Writes results.json and a plot of the main score against the dim (dims.png) to
---output-dir, and prints a table.
+--output-dir, and prints a table. With --mteb, mteb runs its own tasks through
+tpembed.train.mteb_adapter (prompts by task type and name, --instruction /
+--instructions / --language for runs), files its results under the run's name in
+mteb's cache (OUTPUT_DIR/mteb with --output-dir) and adds a summary line for the
+model card.
 """
 
 from __future__ import annotations
@@ -43,7 +56,8 @@ EncodeFn = Callable[[list[str], "str | None"], torch.Tensor]
 
 DEFAULT_STS_INSTRUCTION = "Retrieve semantically similar text"
 DEFAULT_RETRIEVAL_INSTRUCTION = "Given a question, retrieve passages that answer the question"
-MAIN_METRIC = {"sts": "spearman", "retrieval": "ndcg@10"}
+MAIN_METRIC = {"sts": "spearman", "retrieval": "ndcg@10", "classification": "accuracy", "clustering": "v_measure"}
+SKLEARN_SEED = 42  # logistic regression and k-means are fixed by it: results repeat exactly
 
 
 def load_sts(task: EvalTaskConfig) -> tuple[list[str], list[str], list[float]]:
@@ -91,8 +105,41 @@ def load_beir(task: EvalTaskConfig):
     return doc_ids, doc_texts, query_ids, query_texts, qrels
 
 
+def load_labelled(path: str | Path, limit: int | None = None) -> tuple[list[str], list[str]]:
+    """(texts, labels) of a JSONL of {sentence or text, label}; labels are compared as strings."""
+    texts, labels = [], []
+    for location, row in iter_rows(path):
+        text = row.get("sentence", row.get("text"))
+        if not isinstance(text, str) or row.get("label") is None:
+            raise ValueError(f"{location}: expected a text ('sentence' or 'text') and a 'label'")
+        texts.append(text)
+        labels.append(str(row["label"]))
+        if limit and len(texts) >= limit:
+            break
+    return texts, labels
+
+
+def _labelled_file(task: EvalTaskConfig) -> Path:
+    path = Path(task.path)
+    return path / f"{task.split}.jsonl" if path.is_dir() else path
+
+
+def load_classification(task: EvalTaskConfig) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(train texts, train labels, texts, labels): `path` is a directory with train.jsonl (the classifier's
+    examples, read whole) and <split>.jsonl (scored; `limit` keeps its first N)."""
+    root = Path(task.path)
+    if not (root / "train.jsonl").is_file() or not (root / f"{task.split}.jsonl").is_file():
+        raise FileNotFoundError(f"task {task.name}: {root} must hold train.jsonl and {task.split}.jsonl")
+    train_texts, train_labels = load_labelled(root / "train.jsonl")
+    return (train_texts, train_labels, *load_labelled(root / f"{task.split}.jsonl", task.limit))
+
+
 def load_task_data(task: EvalTaskConfig):
     """The task's examples, loaded once (training evaluates the same dev sets many times)."""
+    if task.type == "classification":
+        return load_classification(task)
+    if task.type == "clustering":
+        return load_labelled(_labelled_file(task), task.limit)
     return load_sts(task) if task.type == "sts" else load_beir(task)
 
 
@@ -100,28 +147,71 @@ def _slice(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
     return F.normalize(embeddings[:, :dim].float(), dim=-1)
 
 
+def classification_scores(train_x: torch.Tensor, train_y: list[str], x: torch.Tensor, y: list[str]) -> dict:
+    """Accuracy and macro F1 x100 of a logistic regression fitted on (train_x, train_y), as mteb scores
+    classification (without its resampling of the training examples)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+
+    classifier = LogisticRegression(max_iter=1000, random_state=SKLEARN_SEED).fit(train_x.numpy(), train_y)
+    predicted = classifier.predict(x.numpy())
+    return {"accuracy": 100 * accuracy_score(y, predicted), "f1": 100 * f1_score(y, predicted, average="macro")}
+
+
+def clustering_scores(x: torch.Tensor, labels: list[str]) -> dict:
+    """V-measure x100 of k-means with k = the number of distinct labels (fixed seed)."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import v_measure_score
+
+    clusters = KMeans(n_clusters=len(set(labels)), n_init=10, random_state=SKLEARN_SEED).fit_predict(x.numpy())
+    return {"v_measure": 100 * v_measure_score(labels, clusters)}
+
+
+def _score_sts(encode: EncodeFn, task: EvalTaskConfig, dims: list[int], data) -> tuple[dict, int]:
+    first, second, gold = data
+    left, right = encode(first, task.instruction), encode(second, task.instruction)
+    by_dim = {str(dim): {"spearman": spearman((_slice(left, dim) * _slice(right, dim)).sum(-1), gold)} for dim in dims}
+    return by_dim, len(gold)
+
+
+def _score_retrieval(encode: EncodeFn, task: EvalTaskConfig, dims: list[int], data) -> tuple[dict, int]:
+    doc_ids, doc_texts, query_ids, query_texts, qrels = data
+    queries, documents = encode(query_texts, task.instruction), encode(doc_texts, None)
+    by_dim = {}
+    for dim in dims:
+        scores = _slice(queries, dim) @ _slice(documents, dim).T  # (queries, docs)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :100]
+        rankings = {q: [doc_ids[i] for i in row] for q, row in zip(query_ids, order.tolist())}
+        by_dim[str(dim)] = retrieval_scores(rankings, qrels, k=10)
+    return by_dim, len(query_ids)
+
+
+def _score_classification(encode: EncodeFn, task: EvalTaskConfig, dims: list[int], data) -> tuple[dict, int]:
+    train_texts, train_labels, texts, labels = data
+    train, evaluated = encode(train_texts, task.instruction), encode(texts, task.instruction)
+    by_dim = {str(d): classification_scores(_slice(train, d), train_labels, _slice(evaluated, d), labels) for d in dims}
+    return by_dim, len(labels)
+
+
+def _score_clustering(encode: EncodeFn, task: EvalTaskConfig, dims: list[int], data) -> tuple[dict, int]:
+    texts, labels = data
+    embeddings = encode(texts, task.instruction)
+    return {str(dim): clustering_scores(_slice(embeddings, dim), labels) for dim in dims}, len(labels)
+
+
+SCORERS = {
+    "sts": _score_sts,
+    "retrieval": _score_retrieval,
+    "classification": _score_classification,
+    "clustering": _score_clustering,
+}
+
+
 def evaluate_task(encode: EncodeFn, task: EvalTaskConfig, dims: list[int], data=None) -> dict:
     """Scores of one task at every dim; `data` is the loaded task (loaded here when None)."""
-    if task.type == "sts":
-        first, second, gold = data or load_task_data(task)
-        instruction = task.instruction
-        left, right = encode(first, instruction), encode(second, instruction)
-        by_dim = {
-            str(dim): {"spearman": spearman((_slice(left, dim) * _slice(right, dim)).sum(-1), gold)} for dim in dims
-        }
-        count = len(gold)
-    elif task.type == "retrieval":
-        doc_ids, doc_texts, query_ids, query_texts, qrels = data or load_task_data(task)
-        queries, documents = encode(query_texts, task.instruction), encode(doc_texts, None)
-        by_dim = {}
-        for dim in dims:
-            scores = _slice(queries, dim) @ _slice(documents, dim).T  # (queries, docs)
-            order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :100]
-            rankings = {q: [doc_ids[i] for i in row] for q, row in zip(query_ids, order.tolist())}
-            by_dim[str(dim)] = retrieval_scores(rankings, qrels, k=10)
-        count = len(query_ids)
-    else:
+    if task.type not in SCORERS:
         raise ValueError(f"task {task.name}: unknown type {task.type!r}")
+    by_dim, count = SCORERS[task.type](encode, task, dims, data or load_task_data(task))
     return {"type": task.type, "main_metric": MAIN_METRIC[task.type], "num_examples": count, "by_dim": by_dim}
 
 
@@ -277,6 +367,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output-dir", help="where to write results.json and dims.png")
     parser.add_argument("--no-progress", action="store_true")
+    mteb = parser.add_argument_group("mteb (pip install 'tpembed[mteb]'; mteb downloads its datasets)")
+    mteb.add_argument(
+        "--mteb", nargs="+", metavar="NAME", help="run mteb: a benchmark ('MTEB(cmn, v1)') and/or task names"
+    )
+    mteb.add_argument(
+        "--instruction",
+        action="append",
+        default=[],
+        metavar="KEY=INSTRUCTION",
+        help="the instruction of a task type (STS=...) or task (T2Retrieval=...); for an export it replaces that "
+        "stored prompt (repeatable)",
+    )
+    mteb.add_argument("--instructions", metavar="FILE", help="a YAML instruction table (docs/export-and-evaluation.md)")
+    mteb.add_argument(
+        "--language", default="en", help="the default instructions of a run: en | zh (an export keeps its own)"
+    )
+    mteb.add_argument("--mteb-name", help="the model name of mteb's results (default: tpembed/<run or export name>)")
     return parser
 
 
@@ -345,9 +452,48 @@ def open_model(
     return embedder_encode_fn(embedder, batch_size, progress), dims, model
 
 
+def check_dims(dims: list[int], model_dims: list[int]) -> list[int]:
+    """`dims` when each is at most the model's embedding size; raises ConfigError naming the sizes."""
+    full = max(model_dims)
+    bad = [d for d in dims if not 0 < d <= full]
+    if bad:
+        raise ConfigError(
+            f"--dims {' '.join(map(str, bad))}: the model's embeddings have {full} numbers "
+            f"(Matryoshka dims {', '.join(map(str, model_dims))})"
+        )
+    return list(dims)
+
+
+def _report(results: dict, output_dir: str | None) -> None:
+    print(format_table(results))
+    if results.get("summary"):
+        print(results["summary"])
+    if output_dir:
+        written = [path for path in write_results(results, output_dir) if path is not None]
+        print("wrote " + " and ".join(map(str, written)))
+
+
+def _main_mteb(parser: argparse.ArgumentParser, args) -> int:
+    """--mteb: mteb's tasks on a run, checkpoint or export (tpembed.train.mteb_adapter)."""
+    if args.base_model or not args.model:
+        parser.error("--mteb evaluates MODEL (a tpembed run, checkpoint or export), not --base-model")
+    if args.tasks or args.sts or args.retrieval or args.limit:
+        parser.error("--mteb runs mteb's tasks; evaluate --tasks, --sts, --retrieval or --limit in a separate call")
+    from tpembed.train.mteb_adapter import evaluate_with_mteb
+
+    try:
+        results = evaluate_with_mteb(args)
+    except ConfigError as error:
+        parser.error(str(error))
+    _report(results, args.output_dir)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.mteb:
+        return _main_mteb(parser, args)
     if bool(args.model) == bool(args.base_model):
         parser.error("give either MODEL or --base-model")
     try:
@@ -368,11 +514,11 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
-    results = {"model": name, **evaluate(encode, tasks, args.dims or dims)}
-    print(format_table(results))
-    if args.output_dir:
-        written = [path for path in write_results(results, args.output_dir) if path is not None]
-        print("wrote " + " and ".join(map(str, written)))
+    try:
+        dims = check_dims(args.dims or dims, dims)
+    except ConfigError as error:
+        parser.error(str(error))
+    _report({"model": name, **evaluate(encode, tasks, dims)}, args.output_dir)
     return 0
 
 

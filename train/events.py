@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tpembed.data import MicroBatch
+from tpembed.data.store import source_changed
 from tpembed.train.checkpoint import (
     latest_checkpoint,
     prune_checkpoints,
@@ -194,6 +195,7 @@ class StepEvents:
         self.flops = FlopCounter(engine.unwrapped.backbone.config, config.logging.peak_tflops, accelerator.device)
         self.window = ThroughputWindow()
         self.consecutive_nonfinite = 0
+        self.changed: set[str] = set()  # datasets whose source changed during the run (warned once)
         self.progress = tqdm(
             total=config.train.max_steps,
             initial=start_step,
@@ -270,7 +272,10 @@ class StepEvents:
             "stage": self.config.train.stage,
             "num_processes": accelerator.num_processes,
             "sampler": run.sampler.state_dict(),
+            # the dataset versions this run reads: a resumed run keeps them
+            "datasets": {s.data.name: str(s.data.cache_path) for s in run.specs if s.data.cache_path},
         }
+        self._warn_about_changed_sources()
         path = save_checkpoint(
             accelerator,
             self.run_dir,
@@ -284,6 +289,17 @@ class StepEvents:
             prune_checkpoints(self.run_dir, self.config.train.keep_last)
         logger.info("checkpoint %s", path)
         return path
+
+    def _warn_about_changed_sources(self) -> None:
+        for spec in self.run.specs:
+            if spec.data.name not in self.changed and source_changed(spec.data):
+                self.changed.add(spec.data.name)
+                logger.warning(
+                    "the source of dataset %s changed while the run was going; it keeps reading its cached version "
+                    "(%s), and a resumed run will too",
+                    spec.data.name,
+                    spec.data.cache_path,
+                )
 
     def _write_model(self, directory: Path) -> None:
         state_dict = self.accelerator.get_state_dict(self.engine.model)  # gathered under ZeRO-3

@@ -3,14 +3,17 @@
     tpembed-export runs/quickstart/stage2 exports/quickstart-stage2
     tpembed-export CHECKPOINT OUT_DIR --query-instruction "Given a question, retrieve passages" \\
         --prompt nli="Retrieve semantically similar text" --eval-results evals/results.json
+    tpembed-export runs/s2 exports/s2 --language zh --instruction STS=检索语义相似的文本
 
 The directory holds: the backbone (safetensors) and tokenizer (left padding) at
 the root, read by a small input module (`tpembed_st.py`, which applies the stored
 template and Token Prepending); `1_Pooling` (last token); `2_Dense` (the MRL head,
 hidden -> 1792, bias, identity activation); no Normalize module (slice to a
 Matryoshka dim first, then normalise: `truncate_dim=d, normalize_embeddings=True`);
-prompts `query` (with the instruction) and `document` (empty); cosine similarity;
-a model card. Load it with
+prompts `query` (with the instruction) and `document` (empty), and one per mteb task
+type and C-MTEB task from tpembed's instruction table (--language, --instructions
+FILE, --instruction KEY=INSTRUCTION; tpembed.train.mteb_adapter), so mteb applies
+the instructions tpembed evaluates with; cosine similarity; a model card. Load it with
 
     SentenceTransformer(OUT_DIR, trust_remote_code=True)
 
@@ -38,6 +41,16 @@ from tpembed.train.checkpoint import CHECKPOINTS
 from tpembed.train.config import load_saved_config
 from tpembed.train.embedder import Embedder, model_directory
 from tpembed.train.eval import format_table
+from tpembed.train.mteb_adapter import (
+    InstructionTable,
+    MTEBUsageError,
+    build_instruction_table,
+    default_query_instruction,
+    parse_assignments,
+    table_prompts,
+    training_datasets,
+    training_datasets_line,
+)
 
 ST_MODULE_DIR = Path(__file__).resolve().parent / "st_module"
 PARITY_TOLERANCE = 1e-4
@@ -63,6 +76,21 @@ print(model.similarity(queries, documents))
 
 Slice to a Matryoshka dim first, then normalise: pass `truncate_dim` and `normalize_embeddings=True`."""
 
+CARD_MTEB = """## mteb
+
+The prompts hold an instruction per mteb task type (`STS`, `Classification`, `Retrieval-query`, ...)
+and per C-MTEB task, under the keys mteb looks up, so mteb encodes every task the way tpembed evaluates:
+the instruction on queries and on both sides of symmetric tasks, none on documents.
+
+```python
+import mteb
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("PATH/TO/THIS/DIRECTORY", trust_remote_code=True, truncate_dim=DIM)
+model.model_card_data.model_name = "tpembed/NAME"  # mteb files all unnamed local models under one name
+results = mteb.evaluate(model, mteb.get_tasks(tasks=["LCQMC", "T2Retrieval"]))
+```"""
+
 
 class ExportError(RuntimeError):
     pass
@@ -80,19 +108,22 @@ def export(
     *,
     query_instruction: str | None = None,
     prompts: dict[str, str] | None = None,
+    instructions: InstructionTable | None = None,
     eval_results: str | Path | None = None,
     overwrite: bool = False,
     query_max_len: int | None = None,
     passage_max_len: int | None = None,
 ) -> ExportReport:
-    """Write the sentence-transformers directory, check parity, then move it into place."""
+    """Write the sentence-transformers directory, check parity, then move it into place. `instructions`
+    is the table of task-type and task prompts (default: English, InstructionTable.default())."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} exists; pass --overwrite to replace it")
+    instructions = instructions or InstructionTable.default()
     model_dir = model_directory(checkpoint)
     run_config = _run_config(model_dir)
     if query_instruction is None:
-        query_instruction = _default_instruction(run_config)
+        query_instruction = default_query_instruction(run_config, instructions)
     embedder = Embedder.from_checkpoint(
         model_dir, device="cpu", query_max_len=query_max_len, passage_max_len=passage_max_len
     )
@@ -101,7 +132,7 @@ def export(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        all_prompts = {"query": text_format.prompt(query_instruction), "document": ""}
+        all_prompts = table_prompts(instructions, query_instruction, text_format.prompt)
         all_prompts.update({name: text_format.prompt(text) for name, text in (prompts or {}).items()})
         _write(staging, embedder, model_dir, all_prompts)
         diffs = parity_check(staging, embedder, query_instruction)
@@ -266,6 +297,19 @@ def _write_card(
         "",
     ]
     lines += [f"- `{name}`: {json.dumps(prompt, ensure_ascii=False)}" for name, prompt in prompts.items()]
+    lines += ["", CARD_MTEB.replace("DIM", str(embedder.embedding_dim)).replace("NAME", title)]
+    if run_config is not None:
+        lines += [
+            "",
+            "## Training data",
+            "",
+            "The datasets of the training configs, as the runs name them, in the form of mteb's "
+            "`ModelMeta.training_datasets` (where one is an mteb task's data, write the mteb task name):",
+            "",
+            "```python",
+            training_datasets_line(training_datasets(run_config)),
+            "```",
+        ]
     if eval_results:
         lines += ["", "## Evaluation", "", _results_table(Path(eval_results))]
     (directory / "README.md").write_text("\n".join(lines) + "\n")
@@ -281,22 +325,16 @@ def add_results_to_card(export_dir: str | Path, eval_results: str | Path) -> Non
 
 
 def _results_table(path: Path) -> str:
-    return format_table(json.loads(path.read_text()), markdown=True)
+    """The evaluation section's body: the summary line of an mteb run (when there is one) and the table."""
+    results = json.loads(path.read_text())
+    table = format_table(results, markdown=True)
+    return f"{results['summary']}\n\n{table}" if results.get("summary") else table
 
 
 def _run_config(model_dir: Path):
     """The training config stored next to a checkpoint's model directory, if any."""
     path = model_dir.parent / "config.yaml"
     return load_saved_config(path) if path.is_file() else None
-
-
-def _default_instruction(run_config) -> str | None:
-    if run_config is None:
-        return None
-    for dataset in run_config.data.datasets:
-        if dataset.task.value == "retrieval" and dataset.instruction:
-            return dataset.instruction
-    return run_config.data.default_instruction
 
 
 def _stage_history(model_dir: Path, run_config) -> str:
@@ -350,6 +388,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=INSTRUCTION",
         help="an extra named prompt, e.g. --prompt sts='Retrieve semantically similar text' (repeatable)",
     )
+    parser.add_argument("--language", default="en", help="the instruction table's defaults: en | zh")
+    parser.add_argument(
+        "--instructions", metavar="FILE", help="a YAML instruction table (docs/export-and-evaluation.md)"
+    )
+    parser.add_argument(
+        "--instruction",
+        action="append",
+        default=[],
+        metavar="KEY=INSTRUCTION",
+        help="the instruction of an mteb task type (STS=...) or C-MTEB task (T2Retrieval=...) (repeatable)",
+    )
     parser.add_argument("--eval-results", help="results.json from `tpembed-eval` for the model card")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--query-max-len", type=int, help="max query tokens (default: training's)")
@@ -362,11 +411,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--prompt expects NAME=INSTRUCTION, got {item!r}")
         prompts[name] = instruction
     try:
+        table = build_instruction_table(
+            args.language, args.instructions, parse_assignments(args.instruction, "--instruction")
+        )
+    except (MTEBUsageError, OSError) as error:
+        parser.error(str(error))
+    try:
         report = export(
             args.checkpoint,
             args.out_dir,
             query_instruction=args.query_instruction,
             prompts=prompts,
+            instructions=table,
             eval_results=args.eval_results,
             overwrite=args.overwrite,
             query_max_len=args.query_max_len,

@@ -49,7 +49,9 @@ def train(config: Config) -> Path:
     accelerator.wait_for_everyone()  # every process must see the same checkpoints
     resume = resume_checkpoint(config, run_dir)
 
-    run = build.setup_run(config, resume, accelerator.num_processes, accelerator.process_index)
+    run = build.setup_run(
+        config, resume, accelerator.num_processes, accelerator.process_index, accelerator.local_main_process_first
+    )
     for line in build.describe(run, config):
         logger.info(line)
     encoder = build.build_encoder(config, run.text, run.model_dir, resume is not None, run.tp_layers)
