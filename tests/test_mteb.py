@@ -225,13 +225,13 @@ def test_sts_and_retrieval_through_mteb_equal_tpembeds_own_evaluator(export_dir,
         model = SentenceTransformer(str(export_dir), trust_remote_code=True, device="cpu", truncate_dim=dim)
         sts, retrieval = mteb.evaluate(model, [LocalSTS(), LocalRetrieval()], cache=None, show_progress_bar=False)
         assert sts.get_score() == pytest.approx(ours["LocalSTS"]["by_dim"][str(dim)]["spearman"] / 100, abs=1e-6)
-        assert retrieval.get_score() == pytest.approx(
-            ours["LocalRetrieval"]["by_dim"][str(dim)]["ndcg@10"] / 100, abs=1e-6
-        )
-        for name, metric in (("LocalSTS", "spearman"), ("LocalRetrieval", "ndcg@10")):
+        # mteb rounds retrieval metrics to 5 decimals
+        ndcg = ours["LocalRetrieval"]["by_dim"][str(dim)]["ndcg@10"] / 100
+        assert retrieval.get_score() == pytest.approx(ndcg, abs=5e-6 + 1e-9)
+        for name, metric, tolerance in (("LocalSTS", "spearman", 1e-4), ("LocalRetrieval", "ndcg@10", 5e-4 + 1e-7)):
             mteb_metric = through_adapter[name]["main_metric"]
             assert through_adapter[name]["by_dim"][str(dim)][mteb_metric] == pytest.approx(
-                run_ours[name]["by_dim"][str(dim)][metric], abs=1e-4
+                run_ours[name]["by_dim"][str(dim)][metric], abs=tolerance
             )
 
 
