@@ -22,11 +22,14 @@ trainers read unchanged. Operations (QZhou-Embedding's data construction, docs/b
                   input record is written, completed as far as generation succeeded.
 
 Prompts are editable templates, data/prompts/en.yaml and zh.yaml (--prompts DIR for edited
-copies); a text gets the Chinese prompt when at least half of its script units are CJK
-characters (a Han or kana character is one unit, a run of other letters, a word, is one unit),
-else the English one. The model answers with one JSON object, parsed strictly: the whole answer
-(optionally inside one ``` fence) must be an object with exactly the asked keys, each a non-empty
-string; anything else is a rejected try, never a crash.
+copies), each with a worked example sent as an earlier user/assistant turn; a text gets the
+Chinese prompt when at least half of its script units are CJK characters (a Han or kana
+character is one unit, a run of other letters, a word, is one unit), else the English one. The
+prompt states the length range and the share of change the answer must meet. The model answers
+with one JSON object, parsed strictly: the whole answer (optionally inside one ``` fence) must be
+an object with exactly the asked keys, each a non-empty string; anything else is a rejected try,
+never a crash. A request may generate up to --max-new-tokens, and no more than an answer that
+passes the length rule can need (twice its UTF-8 bytes, plus 48 for the keys).
 
 Constraints, checked in this order on every try; the first that fails rejects it and the item is
 asked again (a new seed) up to --max-tries times (20), then reported as failed:
@@ -310,29 +313,54 @@ def _placeholders(template: string.Template) -> set[str]:
     return found - {""}
 
 
+# the texts each template is filled from, and the keys its JSON answer must have
+PROMPT_INPUTS = {
+    "rewrite_query": ("text",),
+    "rewrite_passage": ("text",),
+    "extend": ("query", "positive", "negative"),
+    "hard_negative": ("query", "positive", "way"),
+}
+ANSWER_KEYS = {
+    "rewrite_query": ("text",),
+    "rewrite_passage": ("text",),
+    "extend": ("query", "positive", "negative"),
+    "hard_negative": ("negative",),
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """A worked example of a prompt, sent as an earlier turn of the chat: the texts its template is
+    filled from and the answer (as JSON). Small models follow the answer format far more often."""
+
+    inputs: dict[str, str]
+    answer: str
+
+
 @dataclass(frozen=True)
 class Prompts:
-    """The prompt templates of both languages: a system message, one user template per task and
-    the descriptions of the three hard-negative ways."""
+    """The prompt templates of both languages: a system message, one user template per task, the
+    descriptions of the three hard-negative ways, and optional worked examples."""
 
     system: dict[str, str]
     templates: dict[tuple[str, str], string.Template]
     ways: dict[str, dict[str, str]]
+    examples: dict[tuple[str, str], Example]
     source: str
 
-    def messages(self, language: str, name: str, **values: Any) -> tuple[tuple[str, str], ...]:
-        """The chat messages ((role, content), ...) of template `name` in `language`."""
-        user = self.templates[(language, name)].substitute({key: str(value) for key, value in values.items()})
-        return (("system", self.system[language]), ("user", user))
+    def render(self, language: str, name: str, values: dict[str, Any]) -> str:
+        """Template `name` of `language` with its placeholders filled."""
+        return self.templates[(language, name)].substitute({key: str(value) for key, value in values.items()})
 
 
 def load_prompts(directory: str | Path | None = None) -> Prompts:
     """Read en.yaml and zh.yaml from `directory` (default: the packaged data/prompts), checking
-    that each holds every template, only known placeholders, and the three ways."""
+    that each holds every template with only known placeholders, the three ways, and examples
+    with the right texts and answer keys."""
     import yaml
 
     directory = Path(directory) if directory is not None else PROMPTS_DIR
-    system, templates, ways = {}, {}, {}
+    system, templates, ways, examples = {}, {}, {}, {}
     for language in LANGUAGES:
         path = directory / f"{language}.yaml"
         if not path.is_file():
@@ -350,7 +378,23 @@ def load_prompts(directory: str | Path | None = None) -> Prompts:
         if not isinstance(found, dict) or set(found) != set(HARD_NEGATIVE_WAYS):
             raise UsageError(f"{path}: 'ways' must describe exactly {', '.join(HARD_NEGATIVE_WAYS)}")
         ways[language] = {way: str(found[way]) for way in HARD_NEGATIVE_WAYS}
-    return Prompts(system, templates, ways, str(directory))
+        for name, example in (data.get("examples") or {}).items():
+            examples[(language, name)] = _checked_example(path, name, example)
+    return Prompts(system, templates, ways, examples, str(directory))
+
+
+def _checked_example(path: Path, name: str, example: Any) -> Example:
+    if name not in PROMPT_INPUTS:
+        raise UsageError(f"{path}: example for unknown prompt '{name}' (known: {', '.join(PROMPT_INPUTS)})")
+    answer = example.get("answer") if isinstance(example, dict) else None
+    inputs = {key: value for key, value in example.items() if key != "answer"} if isinstance(example, dict) else {}
+    if set(inputs) != set(PROMPT_INPUTS[name]) or not all(isinstance(v, str) for v in inputs.values()):
+        raise UsageError(f"{path}: examples.{name} needs the texts {', '.join(PROMPT_INPUTS[name])} and an answer")
+    if name == "hard_negative" and inputs["way"] not in HARD_NEGATIVE_WAYS:
+        raise UsageError(f"{path}: examples.{name}.way must be one of {', '.join(HARD_NEGATIVE_WAYS)}")
+    if not isinstance(answer, dict) or set(answer) != set(ANSWER_KEYS[name]):
+        raise UsageError(f"{path}: examples.{name}.answer must be a mapping with keys {', '.join(ANSWER_KEYS[name])}")
+    return Example(inputs, json.dumps(answer, ensure_ascii=False))
 
 
 def _checked_template(path: Path, data: dict, name: str, allowed: frozenset) -> string.Template:
@@ -411,9 +455,6 @@ class Backend:
     def generate(self, requests: Sequence[Request], sampling: Sampling) -> list[Answer]:
         raise NotImplementedError
 
-    def close(self) -> None:
-        """Release what the backend holds (a model, a thread pool); the default holds nothing."""
-
 
 def _chat_text(tokenizer, messages: list[dict[str, str]]) -> tuple[str, bool]:
     """The prompt text in the tokenizer's chat template with the assistant turn opened, and
@@ -422,7 +463,8 @@ def _chat_text(tokenizer, messages: list[dict[str, str]]) -> tuple[str, bool]:
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
         except Exception:  # a template that refuses a system turn raises its own (jinja) error type
-            merged = [{"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}]
+            first = {"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+            merged = [first, *messages[2:]]
             return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True), False
     return "\n\n".join(message["content"] for message in messages) + "\n\n", True
 
@@ -598,6 +640,8 @@ class OpenAIBackend(Backend):
         base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
             raise UsageError("the openai backend needs --base-url (or OPENAI_BASE_URL), e.g. http://127.0.0.1:8000/v1")
+        if not base_url.startswith(("http://", "https://")):
+            raise UsageError(f"--base-url must start with http:// or https://, got {base_url!r}")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key_env = model, api_key_env
         self._api_key = os.environ.get(api_key_env) or None
@@ -653,7 +697,7 @@ class OpenAIBackend(Backend):
             return error.code, b"", self._redact(f"HTTP {error.code} from {self.url}: {detail}")
         except (OSError, ValueError) as error:  # refused, unreachable, timed out, a broken response
             reason = getattr(error, "reason", None) or error
-            return None, b"", self._redact(f"no answer from {self.url} within {self.timeout:g} s: {reason}")
+            return None, b"", self._redact(f"no answer from {self.url}: {reason} (timeout {self.timeout:g} s)")
 
     def _answer(self, payload: bytes) -> Answer:
         try:
@@ -864,6 +908,11 @@ class RunReport:
         )
         lines.append(_format_decontamination(self.decontamination))
         lines += [f"  skipped {count}: {reason}" for reason, count in self.records_skipped.items()]
+        lines += [
+            f"  failed: {failure['source']} {failure['slot']} after {failure['tries']} tries, "
+            f"last: {failure['last_rejection'][:100]}"
+            for failure in self.failures[:3]
+        ]
         return "\n".join(lines)
 
 
@@ -930,6 +979,24 @@ def token_budget(targets: Sequence[Target], max_new_tokens: int) -> int:
     return min(max_new_tokens, 48 + 2 * longest)
 
 
+def template_values(name: str, inputs: dict[str, str], language: str, settings: Settings, prompts: Prompts) -> dict:
+    """The placeholders of template `name` filled from its input texts: the texts, the length
+    bounds the answer must keep, the share it must change, the hard-negative way's description."""
+    if name in ("rewrite_query", "rewrite_passage"):
+        text = inputs["text"]
+        low, high = length_bounds(text, settings.rewrite_length_tolerance)
+        change = settings.paragraph_difference if is_paragraph(text) else settings.sentence_difference
+        return {"text": text, "min_chars": low, "max_chars": high, "min_change": round(100 * change)}
+    if name == "extend":
+        values = dict(inputs)
+        for key in ("query", "positive", "negative"):
+            values[f"{key}_min"], values[f"{key}_max"] = length_bounds(inputs[key], settings.length_tolerance)
+        return values
+    low, high = length_bounds(inputs["positive"], settings.length_tolerance)
+    way = prompts.ways[language][inputs["way"]]
+    return {"query": inputs["query"], "positive": inputs["positive"], "way": way, "min_chars": low, "max_chars": high}
+
+
 class Operation:
     """An operation plans the items of a record and builds its output records from their answers."""
 
@@ -944,8 +1011,20 @@ class Operation:
     def finish(self, job: Job, provenance: dict) -> list[dict]:
         raise NotImplementedError
 
-    def _item(self, slot: str, name: str, language: str, targets: tuple[Target, ...], positives, **values) -> Item:
-        messages = self.prompts.messages(language, name, **values)
+    def messages(self, language: str, name: str, inputs: dict[str, str]) -> tuple[tuple[str, str], ...]:
+        """The chat: the system message, the template's worked example (when the prompts have one)
+        as a user and an assistant turn, then the filled template."""
+        turns = [("system", self.prompts.system[language])]
+        example = self.prompts.examples.get((language, name))
+        if example is not None:
+            values = template_values(name, example.inputs, language, self.settings, self.prompts)
+            turns += [("user", self.prompts.render(language, name, values)), ("assistant", example.answer)]
+        values = template_values(name, inputs, language, self.settings, self.prompts)
+        return (*turns, ("user", self.prompts.render(language, name, values)))
+
+    def _item(self, slot: str, name: str, inputs: dict[str, str], targets: tuple[Target, ...], positives) -> Item:
+        language = detect_language(" ".join(inputs[key] for key in PROMPT_INPUTS[name] if key != "way")) or "en"
+        messages = self.messages(language, name, inputs)
         return Item(slot, messages, targets, tuple(positives), token_budget(targets, self.settings.max_new_tokens))
 
 
@@ -958,16 +1037,11 @@ class Rewrite(Operation):
         texts = [("query", view.query, "rewrite_query")] if "query" in self.settings.rewrite_fields else []
         if "pos" in self.settings.rewrite_fields:
             texts += [(f"pos[{i}]", text, "rewrite_passage") for i, text in enumerate(view.positives)]
-        return [self._rewrite(slot, text, name, view.positives) for slot, text, name in texts]
-
-    def _rewrite(self, slot: str, text: str, name: str, positives) -> Item:
-        s = self.settings
-        low, high = length_bounds(text, s.rewrite_length_tolerance)
-        change = s.paragraph_difference if is_paragraph(text) else s.sentence_difference
-        target = Target("text", text, s.rewrite_length_tolerance, differ_from=text)
-        language = detect_language(text) or "en"
-        values = dict(text=text, min_chars=low, max_chars=high, min_change=round(100 * change))
-        return self._item(slot, name, language, (target,), positives, **values)
+        tolerance = self.settings.rewrite_length_tolerance
+        return [
+            self._item(slot, name, {"text": text}, (Target("text", text, tolerance, differ_from=text),), view.positives)
+            for slot, text, name in texts
+        ]
 
     def finish(self, job: Job, provenance: dict) -> list[dict]:
         if any(item.answer is None for item in job.items):
@@ -996,12 +1070,9 @@ class Extend(Operation):
             Target("positive", view.positives[0], tolerance, differ_from=view.positives[0]),
             Target("negative", negative, tolerance),
         )
-        values = {"query": view.query, "positive": view.positives[0], "negative": negative}
-        for target in targets:
-            values[f"{target.key}_min"], values[f"{target.key}_max"] = length_bounds(target.original, tolerance)
-        language = detect_language(view.query + view.positives[0]) or "en"
+        inputs = {"query": view.query, "positive": view.positives[0], "negative": negative}
         return [
-            self._item(f"extend[{k}]", "extend", language, targets, view.positives, **values)
+            self._item(f"extend[{k}]", "extend", inputs, targets, view.positives)
             for k in range(self.settings.extensions)
         ]
 
@@ -1010,11 +1081,8 @@ class Extend(Operation):
         for item in job.items:
             if item.answer is None:
                 continue
-            record = {
-                "query": item.answer["query"],
-                "pos": [item.answer["positive"]],
-                "negs": [item.answer["negative"]],
-            }
+            answer = item.answer
+            record = {"query": answer["query"], "pos": [answer["positive"]], "negs": [answer["negative"]]}
             if job.record.get("instruction"):
                 record["instruction"] = job.record["instruction"]
             record[PROVENANCE_FIELD] = {**provenance, "tries": {item.slot: item.tries}}
@@ -1029,23 +1097,12 @@ class HardNegatives(Operation):
 
     def plan(self, view: RetrievalView) -> list[Item]:
         positive, tolerance = view.positives[0], self.settings.length_tolerance
-        language = detect_language(positive) or "en"
-        low, high = length_bounds(positive, tolerance)
         targets = (Target("negative", positive, tolerance),)
         items = []
         for slot in range(len(view.negatives), self.settings.min_negatives):
             way = HARD_NEGATIVE_WAYS[slot % len(HARD_NEGATIVE_WAYS)]
-            values = dict(query=view.query, positive=positive, way=self.prompts.ways[language][way])
-            item = self._item(
-                f"negs[{slot}]",
-                "hard_negative",
-                language,
-                targets,
-                view.positives,
-                **values,
-                min_chars=low,
-                max_chars=high,
-            )
+            inputs = {"query": view.query, "positive": positive, "way": way}
+            item = self._item(f"negs[{slot}]", "hard_negative", inputs, targets, view.positives)
             item.extra["way"] = way
             items.append(item)
         return items
@@ -1214,7 +1271,9 @@ def _plan_jobs(input_path: str | Path, operation: Operation, report: RunReport |
         yield Job(index, location, record, view, operation.plan(view))
 
 
-def _provenance(job: Job, ctx: _Context, backend: Backend) -> dict:
+def _provenance(job: Job, ctx: _Context) -> dict:
+    """The "synthesis" field of a record made from `job`: what made it, from which record, at which tries."""
+    backend = ctx.generator.backend
     info = {"operation": ctx.operation.name, "backend": backend.name, "model": backend.model, "source": job.location}
     for name in ("id", "_id", "query_id"):
         if name in job.record:
@@ -1275,32 +1334,45 @@ def synthesize(
     Decontaminator; decontaminate=False must be said explicitly when there are none."""
     began = time.perf_counter()
     settings = settings or Settings()
-    if operation not in OPERATION_CLASSES:
-        raise UsageError(f"unknown operation {operation!r} (one of {', '.join(OPERATIONS)})")
-    _check_settings(settings)
-    output_path = Path(output_path)
-    if output_path.exists() and not overwrite:
-        raise OutputExistsError(f"{output_path} exists; pass --overwrite to replace it")
+    _check_request(operation, settings, Path(output_path), overwrite)
     report = RunReport(operation=operation, input=str(input_path), output=str(output_path))
     decontaminator = _build_decontaminator(eval_sources, decontaminate, settings.minhash, report)
     op = OPERATION_CLASSES[operation](settings, load_prompts(settings.prompts_dir))
-    seen, total = SeenTexts(), 0
-    for job in _plan_jobs(input_path, op, None):  # first pass: check every record, index the originals
-        total += len(job.items)
-        for text in (job.view.query, *job.view.positives, *job.view.negatives):
-            seen.add(text)
+    seen, report.items = _index_input(input_path, op)
     if isinstance(backend, str):
         backend = make_backend(backend, model or "", **(backend_options or {}))
-    report.backend, report.model, report.items = backend.name, backend.model, total
+    report.backend, report.model = backend.name, backend.model
     cache = AnswerCache(Path(cache_dir or f"{output_path}.cache") / CACHE_FILE)
+    generator = CachedGenerator(backend, cache, Sampling(settings.temperature, settings.top_p), report)
+    ctx = _Context(op, generator, Judge(settings, seen, decontaminator, report), report, settings, None)
     try:
-        _write(input_path, output_path, overwrite, op, backend, cache, seen, decontaminator, report, progress)
+        _write(input_path, output_path, overwrite, ctx, progress)
     finally:
         cache.close()
     report.seconds = time.perf_counter() - began
     with atomic_path(f"{output_path}.report.json", overwrite=True) as staging:
         staging.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
+
+
+def _check_request(operation: str, settings: Settings, output_path: Path, overwrite: bool) -> None:
+    """UsageError or OutputExistsError before anything is loaded."""
+    if operation not in OPERATION_CLASSES:
+        raise UsageError(f"unknown operation {operation!r} (one of {', '.join(OPERATIONS)})")
+    _check_settings(settings)
+    if output_path.exists() and not overwrite:
+        raise OutputExistsError(f"{output_path} exists; pass --overwrite to replace it")
+
+
+def _index_input(input_path: str | Path, op: Operation) -> tuple[SeenTexts, int]:
+    """The first pass over the input: every record checked (before a model is loaded), every
+    original text remembered for deduplication, the items counted."""
+    seen, items = SeenTexts(), 0
+    for job in _plan_jobs(input_path, op, None):
+        items += len(job.items)
+        for text in (job.view.query, *job.view.positives, *job.view.negatives):
+            seen.add(text)
+    return seen, items
 
 
 def _check_settings(s: Settings) -> None:
@@ -1315,32 +1387,32 @@ def _check_settings(s: Settings) -> None:
         raise UsageError("length tolerances and difference shares are fractions in [0, 1)")
 
 
-def _write(input_path, output_path, overwrite, op, backend, cache, seen, decontaminator, report, progress) -> None:
+def _write(input_path: str | Path, output_path: str | Path, overwrite: bool, ctx: _Context, progress: bool) -> None:
+    """The second pass: the input in chunks of records, each chunk's items generated in rounds and
+    its records written, into an output that appears only when the last chunk is done."""
     from tqdm import tqdm
 
-    sampling = Sampling(op.settings.temperature, op.settings.top_p)
-    bar = tqdm(total=report.items, unit=" items", desc=op.name, disable=not progress)
-    judge = Judge(op.settings, seen, decontaminator, report)
-    ctx = _Context(op, CachedGenerator(backend, cache, sampling, report), judge, report, op.settings, bar)
-    with bar, jsonl_output(output_path, overwrite) as writer:
-        chunk: list[Job] = []
-        for job in _plan_jobs(input_path, op, report):
-            report.records_read += 1
-            chunk.append(job)
-            if len(chunk) >= op.settings.chunk_size:
-                _finish_chunk(chunk, ctx, backend, writer)
-                chunk = []
-        _finish_chunk(chunk, ctx, backend, writer)
-        report.records_written = writer.report.written
+    with tqdm(total=ctx.report.items, unit=" items", desc=ctx.operation.name, disable=not progress) as bar:
+        ctx.progress = bar
+        with jsonl_output(output_path, overwrite) as writer:
+            chunk: list[Job] = []
+            for job in _plan_jobs(input_path, ctx.operation, ctx.report):
+                ctx.report.records_read += 1
+                chunk.append(job)
+                if len(chunk) >= ctx.settings.chunk_size:
+                    _finish_chunk(chunk, ctx, writer)
+                    chunk = []
+            _finish_chunk(chunk, ctx, writer)
+            ctx.report.records_written = writer.report.written
 
 
-def _finish_chunk(jobs: list[Job], ctx: _Context, backend: Backend, writer) -> None:
+def _finish_chunk(jobs: list[Job], ctx: _Context, writer) -> None:
     """Generate the chunk's items, then write its records in input order, each checked whole
     against the evaluation data first."""
     _run_jobs(jobs, ctx)
     decontaminator = ctx.judge.decontaminator
     for job in jobs:
-        for record in ctx.operation.finish(job, _provenance(job, ctx, backend)):
+        for record in ctx.operation.finish(job, _provenance(job, ctx)):
             if decontaminator is not None:
                 check = decontaminator.check_record(record, job.location)
                 if check.record is None:

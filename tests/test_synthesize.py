@@ -7,6 +7,7 @@ a real server process on 127.0.0.1 (tests/openai_server.py)."""
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from tpembed.data.io import OutputExistsError
 from tpembed.data.synthesize import (
     CACHE_FILE,
     PROMPTS_DIR,
+    Answer,
     AnswerCache,
     AnswerError,
     Backend,
@@ -31,6 +33,7 @@ from tpembed.data.synthesize import (
     BackendUnavailable,
     OpenAIBackend,
     Request,
+    Rewrite,
     Sampling,
     SeenTexts,
     Settings,
@@ -122,8 +125,6 @@ class ScriptedBackend(Backend):
         return [self.answer(request) for request in requests]
 
     def answer(self, request):
-        from tpembed.data.synthesize import Answer
-
         text = user_message(request)
         keys = sorted((key for key in self.script if key in text), key=len, reverse=True)
         if not keys:
@@ -238,14 +239,24 @@ def test_a_fenced_json_answer_is_accepted():
 
 def test_prompt_templates_load_and_are_checked(tmp_path):
     prompts = load_prompts()
-    system, user = prompts.messages("zh", "rewrite_query", text="你好", min_chars=1, max_chars=3, min_change=30)
-    assert system[0] == "system" and "你好" in user[1] and "1 到 3" in user[1]
+    values = {"text": "你好", "min_chars": 1, "max_chars": 3, "min_change": 30}
+    assert "你好" in prompts.render("zh", "rewrite_query", values) and "1 到 3" in prompts.render(
+        "zh", "rewrite_query", values
+    )
     assert set(prompts.ways["en"]) == {"deviates", "irrelevant_detail", "other_aspect"}
+    assert json.loads(prompts.examples[("en", "hard_negative")].answer) == {
+        "negative": "On weekends the museum offers guided tours at two."
+    }
     edited = tmp_path / "prompts"
     shutil.copytree(PROMPTS_DIR, edited)
     text = (edited / "en.yaml").read_text(encoding="utf-8")
     (edited / "en.yaml").write_text(text.replace("Query: $text", "Query: $txt"), encoding="utf-8")
     with pytest.raises(UsageError, match=r"en.yaml: 'rewrite_query' uses unknown placeholders \['txt'\]"):
+        load_prompts(edited)
+    (edited / "en.yaml").write_text(
+        text.replace("      negative: On weekends", "      negatives: On weekends"), encoding="utf-8"
+    )
+    with pytest.raises(UsageError, match=r"examples.hard_negative.answer must be a mapping with keys negative"):
         load_prompts(edited)
 
 
@@ -286,6 +297,9 @@ def test_rewrite_prompts_follow_the_language_and_carry_the_length_bounds(tmp_pat
     assert "between 34 and 44 characters" in prompts[0] and "at least 30%" in prompts[0]
     assert "8 到 10 个字" in prompts[1] and "查询：一架飞机要起飞了。" in prompts[1] and prompts[2] == prompts[0]
     assert len({r.seed for r in backend.requests}) == len(backend.requests) == 3  # a new seed for every try
+    roles = [role for role, _ in backend.requests[1].messages]
+    assert roles == ["system", "user", "assistant", "user"]  # the worked example comes first, in Chinese
+    assert backend.requests[1].messages[2][1] == '{"text": "小男孩蹬着一辆红单车往山下冲。"}'
 
 
 def test_hard_negatives_fill_up_to_the_minimum_in_the_three_ways(tmp_path):
@@ -416,16 +430,7 @@ def test_a_backend_that_is_not_installed_names_its_extra(tmp_path, monkeypatch, 
     with pytest.raises(BackendUnavailable, match=r"tpembed\[vllm\]"):
         make_backend("vllm", "some/model")
     source = write_jsonl(tmp_path / "in.jsonl", [EN])
-    argv = [
-        "rewrite",
-        str(source),
-        str(tmp_path / "out.jsonl"),
-        "--backend",
-        "vllm",
-        "--model",
-        "m",
-        "--no-decontaminate",
-    ]
+    argv = ["rewrite", str(source), str(tmp_path / "out.jsonl"), *"--backend vllm --model m --no-decontaminate".split()]
     assert main(argv) == 2
     assert "pip install 'tpembed[vllm]'" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
@@ -510,10 +515,9 @@ def test_smollm2_answers_a_rewrite_prompt():
     pytest.importorskip("gguf")
     backend = make_backend("transformers", SMOLLM2, device="cpu", batch_size=2)
     assert backend.tokenizer.chat_template and backend.lm.config.tie_word_embeddings
-    prompts = load_prompts()
-    messages = prompts.messages("en", "rewrite_query", text=EN["query"], min_chars=34, max_chars=44, min_change=30)
+    messages = Rewrite(Settings(), load_prompts()).messages("en", "rewrite_query", {"text": EN["query"]})
     (answer,) = backend.generate([Request(messages, 24, 0)], Sampling(0.0, 1.0))
-    assert 0 < answer.tokens <= 24 and answer.text.strip()
+    assert 0 < answer.tokens <= 24 and parse_answer(answer.text, ["text"])["text"]  # the format, greedily
     print(f"\nSmolLM2-135M-Instruct, greedy: {answer.text!r}")
 
 
@@ -584,33 +588,17 @@ def test_openai_backend_answers_retries_and_sends_the_key_from_the_environment(s
     [
         ("error", "HTTP 500 from .*the model crashed"),
         ("non-json", "not chat-completions JSON: '<html>"),
-        ("timeout", "no answer from .* within 0.5 s"),
+        ("timeout", r"no answer from .*timed out \(timeout 0.5 s\)"),
     ],
 )
 def test_a_server_that_fails_stops_the_run_with_its_reason(server, tmp_path, model, message, capsys):
     source = write_jsonl(tmp_path / "in.jsonl", [EN])
-    argv = [
-        "rewrite",
-        str(source),
-        str(tmp_path / "out.jsonl"),
-        "--backend",
-        "openai",
-        "--model",
-        model,
-        "--base-url",
-        server[0],
-        "--timeout",
-        "0.5",
-        "--retries",
-        "1",
-        "--retry-backoff",
-        "0.01",
-        "--no-decontaminate",
-        "--no-progress",
-    ]
+    options = f"--backend openai --model {model} --base-url {server[0]} --timeout 0.5 --retries 1"
+    argv = ["rewrite", str(source), str(tmp_path / "out.jsonl"), *options.split()]
+    argv += ["--retry-backoff", "0.01", "--no-decontaminate", "--no-progress"]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "openai answered none of 2 requests" in err and __import__("re").search(message, err), err
+    assert "openai answered none of 2 requests" in err and re.search(message, err), err
     assert not (tmp_path / "out.jsonl").exists()
     if model == "error":
         assert len(logged(server[1], "error")) == 4  # 2 requests, each tried twice
@@ -619,43 +607,24 @@ def test_a_server_that_fails_stops_the_run_with_its_reason(server, tmp_path, mod
 def test_a_killed_cli_run_against_a_server_resumes_from_the_cache(server, tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", [EN, ZH, DOG])
     output = tmp_path / "out.jsonl"
-    argv = [
-        sys.executable,
-        "-m",
-        "tpembed.data.synthesize",
-        "rewrite",
-        str(source),
-        str(output),
-        "--backend",
-        "openai",
-        "--model",
-        "delay:0.25",
-        "--base-url",
-        server[0],
-        "--concurrency",
-        "1",
-        "--batch-size",
-        "1",
-        "--max-tries",
-        "2",
-        "--no-decontaminate",
-        "--no-progress",
-    ]
+    options = f"--backend openai --model delay:0.15 --base-url {server[0]} --concurrency 1 --batch-size 1"
+    argv = [sys.executable, "-m", "tpembed.data.synthesize", "rewrite", str(source), str(output), *options.split()]
+    argv += ["--max-tries", "2", "--no-decontaminate", "--no-progress"]
     process = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while len(logged(server[1], "delay:0.25")) < 3 and time.time() < deadline and process.poll() is None:
+    while len(logged(server[1], "delay:0.15")) < 3 and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not output.exists()
     cached = len(AnswerCache(f"{output}.cache/{CACHE_FILE}"))
-    before = len(logged(server[1], "delay:0.25"))
+    before = len(logged(server[1], "delay:0.15"))
     assert 2 <= cached < 7
     result = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     # 7 requests in all: six items, DOG's query fails its first try and is asked once more
-    assert len(logged(server[1], "delay:0.25")) - before == 7 - cached
+    assert len(logged(server[1], "delay:0.15")) - before == 7 - cached
     records = read_jsonl(output)
     assert [r["query"] for r in records] == ["On stage, a guy strums his guitar.", "飞机马上就要升空了。"]
-    assert records[0]["synthesis"]["backend"] == "openai" and records[0]["synthesis"]["model"] == "delay:0.25"
+    assert records[0]["synthesis"]["backend"] == "openai" and records[0]["synthesis"]["model"] == "delay:0.15"
     assert f"answers from the cache {cached}" in result.stdout and "tokens/s" in result.stdout
