@@ -41,6 +41,8 @@ def instruction_of(export_dir: Path, prompt_name: str) -> str:
     prompts = json.loads((export_dir / "config_sentence_transformers.json").read_text())["prompts"]
     stored = json.loads((export_dir / "tpembed_st_config.json").read_text())
     head, tail = stored["text_format"]["instruction_format"].split("{instruction}")
+    if prompt_name not in prompts:
+        sys.exit(f"{export_dir} has no {prompt_name!r} prompt (an older export): export it again")
     prompt = prompts[prompt_name]
     if not (prompt.startswith(head) and prompt.endswith(tail)):
         sys.exit(f"{export_dir}: prompt {prompt_name!r} is not in the export's instruction format: {prompt!r}")

@@ -84,6 +84,101 @@ def test_evaluate_on_a_hand_built_dataset(tmp_path):
     assert json.loads(json_path.read_text())["dims"] == [1, 4] and plot_path.stat().st_size > 1000
 
 
+def _labelled_files(directory, splits):
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        (directory / f"{split}.jsonl").write_text("\n".join(json.dumps({"sentence": t, "label": y}) for t, y in rows))
+
+
+def _entropy(*counts):
+    total = sum(counts)
+    return -sum(c / total * math.log(c / total) for c in counts if c)
+
+
+def test_classification_and_clustering_on_hand_built_embeddings(tmp_path):
+    """Logistic regression and k-means on vectors whose answers are known: two tight groups along
+    e1 and e2; one evaluation text sits in the other label's group."""
+    vectors = {f"a{i}": [1.0, 0.01 * i, 0.0, 0.0] for i in range(6)} | {
+        f"b{i}": [0.0, 1.0, 0.01 * i, 0.0] for i in range(6)
+    }
+
+    def encode(texts, instruction):
+        assert instruction == "Classify the text"
+        return torch.tensor([vectors[t] for t in texts])
+
+    train = [(f"a{i}", "A") for i in range(4)] + [(f"b{i}", "B") for i in range(4)]
+    evaluated = [("a4", "A"), ("a5", "A"), ("a0", "A"), ("b5", "A"), ("b4", "B"), ("b0", "B")]  # b5 is confused
+    _labelled_files(tmp_path / "cls", {"train": train, "test": evaluated})
+    _labelled_files(tmp_path / "separable", {"train": train, "test": train})
+    clusters = [("a0", "A"), ("a1", "A"), ("a2", "B"), ("b0", "B"), ("b1", "B"), ("b2", "B")]
+    (tmp_path / "clusters.jsonl").write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in clusters))
+    tasks = [
+        EvalTaskConfig(name="cls", type="classification", path=str(tmp_path / "cls"), instruction="Classify the text"),
+        EvalTaskConfig(
+            name="sep", type="classification", path=str(tmp_path / "separable"), instruction="Classify the text"
+        ),
+        EvalTaskConfig(
+            name="sep_clu",
+            type="clustering",
+            path=str(tmp_path / "separable"),
+            instruction="Classify the text",
+            split="train",
+        ),
+        EvalTaskConfig(
+            name="clu", type="clustering", path=str(tmp_path / "clusters.jsonl"), instruction="Classify the text"
+        ),
+    ]
+    results = evaluate(encode, tasks, dims=[2, 4])["tasks"]
+    assert results["sep"]["by_dim"]["4"]["accuracy"] == pytest.approx(100.0)
+    assert results["sep_clu"]["by_dim"]["4"]["v_measure"] == pytest.approx(100.0)
+    confused = results["cls"]["by_dim"]["4"]
+    assert confused["accuracy"] == pytest.approx(100 * 5 / 6) and results["cls"]["num_examples"] == 6
+    # A: 3 right, 1 missed (precision 1, recall 3/4); B: 2 right, 1 wrongly taken (precision 2/3, recall 1)
+    assert confused["f1"] == pytest.approx(100 * (6 / 7 + 4 / 5) / 2)
+    # clusters {a0, a1, a2} and {b0, b1, b2}: labels A A B | B B B
+    homogeneity = 1 - (3 / 6 * _entropy(2, 1)) / _entropy(2, 4)
+    completeness = 1 - (4 / 6 * _entropy(1, 3)) / _entropy(3, 3)
+    v_measure = 2 * homogeneity * completeness / (homogeneity + completeness)
+    assert results["clu"]["by_dim"]["4"]["v_measure"] == pytest.approx(100 * v_measure)
+    assert results["clu"]["main_metric"] == "v_measure" and results["cls"]["main_metric"] == "accuracy"
+    with pytest.raises(FileNotFoundError, match="must hold train.jsonl and validation.jsonl"):
+        evaluate(encode, [EvalTaskConfig(name="x", type="classification", path=str(tmp_path), split="validation")], [4])
+
+
+@needs_shared
+def test_tnews_task_file_with_a_character_count_encoder():
+    """configs/eval/tnews.yaml end to end, the texts encoded as character counts (no model)."""
+
+    def encode(texts, instruction):
+        counts = torch.zeros(len(texts), 256)
+        for row, text in enumerate(texts):
+            for char in text:
+                counts[row, ord(char) % 256] += 1
+        return counts
+
+    tasks = load_eval_tasks(REPO / "configs/eval/tnews.yaml")
+    for task in tasks:
+        task.path, task.limit = str(REPO / task.path), 300
+    results = evaluate(encode, tasks, dims=[64, 256])["tasks"]
+    labels = [
+        json.loads(line)["label"] for line in (SHARED_DATA / "tnews/validation.jsonl").read_text().splitlines()[:300]
+    ]
+    majority = 100 * max(labels.count(label) for label in set(labels)) / len(labels)
+    classification, clustering = results["tnews_classification"], results["tnews_clustering"]
+    assert classification["num_examples"] == clustering["num_examples"] == 300
+    assert classification["by_dim"]["256"]["accuracy"] > majority  # character counts beat always answering one label
+    for dim in ("64", "256"):
+        assert 0 <= clustering["by_dim"][dim]["v_measure"] <= 100
+
+
+def test_dims_larger_than_the_models_are_refused(quickstart_stage2, tmp_path, capsys):
+    sts = tmp_path / "sts.jsonl"
+    sts.write_text(json.dumps({"sentence1": "a", "sentence2": "b", "score": 1.0}))
+    with pytest.raises(SystemExit):
+        main([str(quickstart_stage2[0]), "--sts", str(sts), "--dims", "256", "4096"])
+    assert "--dims 4096: the model's embeddings have 1792 numbers" in capsys.readouterr().err
+
+
 def test_eval_task_files_load():
     for path in sorted((REPO / "configs" / "eval").glob("*.yaml")):
         tasks = load_eval_tasks(path)

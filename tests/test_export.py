@@ -12,13 +12,15 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REPO, subprocess_env
 from tpembed.train.embedder import Embedder
-from tpembed.train.export import ExportError, add_results_to_card, export, parity_check
+from tpembed.train.export import ExportError, add_results_to_card, export, main, parity_check
+from tpembed.train.mteb_adapter import CMTEB_TASKS, TYPE_INSTRUCTIONS
 
 INSTRUCTION = "Given a premise, retrieve a hypothesis that is entailed by the premise"
 TEXTS = ["A man is playing a guitar.", "一架飞机要起飞了。", "", "x " * 300, "placeholder <|im_start|> in text"]
 
 FRESH_PROCESS = """
 import sys
+sys.modules["tpembed"] = None  # the export loads and encodes with no tpembed installed
 from safetensors.torch import save_file
 from sentence_transformers import SentenceTransformer
 import json
@@ -38,7 +40,9 @@ save_file({k: v.contiguous() for k, v in result.items()}, out)
 def exports(quickstart_stage1, quickstart_stage2, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     stage1 = export(quickstart_stage1, root / "stage1", query_instruction=INSTRUCTION)
-    # stage 2 through the command line, as a user runs it
+    # stage 2 through the command line, as a user runs it, with a Chinese instruction table
+    table = root / "instructions.yaml"
+    table.write_text("task_types:\n  Clustering: 识别新闻标题的主题\n")
     result = subprocess.run(
         [
             sys.executable,
@@ -50,6 +54,12 @@ def exports(quickstart_stage1, quickstart_stage2, tmp_path_factory):
             INSTRUCTION,
             "--prompt",
             "sts=Retrieve semantically similar text",
+            "--language",
+            "zh",
+            "--instructions",
+            str(table),
+            "--instruction",
+            "STS=判断两句话的意思是否相同",
         ],
         cwd=REPO,
         env=subprocess_env(),
@@ -187,3 +197,34 @@ def test_evaluation_table_is_added_to_the_card_once(exports, tmp_path):
     assert card.startswith(before.rstrip("\n"))
     assert card.count("## Evaluation") == 1
     assert "| stsb | spearman | 70.12 | 75.50 |" in card
+
+
+def test_prompts_hold_every_task_type_of_the_instruction_table(exports):
+    """mteb looks prompts up by task type: each symmetric type has its instruction, retrieval-like
+    types a query prompt and an empty document prompt; the flags and the YAML file override."""
+    for stage, language in (("stage1", "en"), ("stage2", "zh")):
+        prompts = json.loads((exports[stage][1] / "config_sentence_transformers.json").read_text())["prompts"]
+        table = dict(TYPE_INSTRUCTIONS[language])
+        if stage == "stage2":
+            table |= {"STS": "判断两句话的意思是否相同", "Clustering": "识别新闻标题的主题"}
+        for task_type in ("STS", "PairClassification", "Classification", "Clustering"):
+            assert prompts[task_type] == f"Instruct: {table[task_type]}\nQuery: ", (stage, task_type)
+        for task_type in ("Retrieval", "Reranking"):
+            assert prompts[f"{task_type}-query"] == f"Instruct: {table[task_type]}\nQuery: "
+            assert prompts[f"{task_type}-document"] == "" and task_type not in prompts
+        assert prompts["query"] == f"Instruct: {INSTRUCTION}\nQuery: " and prompts["document"] == ""
+        assert prompts["T2Retrieval-query"] == f"Instruct: {CMTEB_TASKS['T2Retrieval'][1]}\nQuery: "
+        assert "T2Retrieval" not in prompts
+    card = (exports["stage2"][1] / "README.md").read_text()
+    assert "## mteb" in card and 'model.model_card_data.model_name = "tpembed/stage2"' in card
+
+
+def test_a_bad_instruction_table_fails_before_the_checkpoint_is_read(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-run")
+    with pytest.raises(SystemExit):
+        main([missing, str(tmp_path / "out"), "--instruction", "Retreival=find passages"])
+    assert "unknown task type or task 'Retreival'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([missing, str(tmp_path / "out"), "--language", "fr"])
+    assert "no default instructions for language 'fr'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -146,6 +146,22 @@ def export_dir(quickstart_stage2, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def export_encode(export_dir):
+    """tpembed-eval's encoder of the export (tpembed's own evaluator reads it through this)."""
+    return open_model(str(export_dir))[0]
+
+
+@pytest.fixture(scope="module")
+def export_adapter(export_dir):
+    return TPEmbedMTEBModel(str(export_dir))
+
+
+@pytest.fixture(scope="module")
+def run_embedder(quickstart_stage2):
+    return Embedder.from_checkpoint(quickstart_stage2[0])
+
+
+@pytest.fixture(scope="module")
 def recording_model(export_dir):
     """The export loaded by stock sentence-transformers; every batch its input module reads is
     recorded as (prompt, texts, the first sequence decoded)."""
@@ -194,20 +210,17 @@ def test_every_task_type_runs_through_mteb_with_the_prompt_of_its_type(recording
                 assert prompt == (prompts[f"{task_class.metadata.type}-query"] if is_query else "")
 
 
-def test_sts_and_retrieval_through_mteb_equal_tpembeds_own_evaluator(export_dir, quickstart_stage2, tmp_path):
+def test_sts_and_retrieval_through_mteb_equal_tpembeds_own_evaluator(
+    export_dir, export_encode, quickstart_stage2, run_embedder, tmp_path
+):
     """mteb.evaluate(SentenceTransformer(export)) and TPEmbedMTEBModel(run) against tpembed-eval's own
     numbers on the same pairs and queries, at two Matryoshka dims."""
-    first, second, scores = zip(*STS_PAIRS)
     sts_file, beir = tmp_path / "sts.jsonl", tmp_path / "beir"
     sts_file.write_text("\n".join(json.dumps({"sentence1": a, "sentence2": b, "score": s}) for a, b, s in STS_PAIRS))
     split = retrieval_split(reranking=False)
     (beir / "qrels").mkdir(parents=True)
-    (beir / "corpus.jsonl").write_text(
-        "\n".join(json.dumps({"_id": r["id"], "text": r["text"]}) for r in split["corpus"])
-    )
-    (beir / "queries.jsonl").write_text(
-        "\n".join(json.dumps({"_id": r["id"], "text": r["text"]}) for r in split["queries"])
-    )
+    for name, rows in (("corpus", split["corpus"]), ("queries", split["queries"])):
+        (beir / f"{name}.jsonl").write_text("\n".join(json.dumps({"_id": r["id"], "text": r["text"]}) for r in rows))
     (beir / "qrels/test.tsv").write_text(
         "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(12))
     )
@@ -216,13 +229,13 @@ def test_sts_and_retrieval_through_mteb_equal_tpembeds_own_evaluator(export_dir,
         EvalTaskConfig("LocalRetrieval", "retrieval", str(beir), TYPE_INSTRUCTIONS["en"]["Retrieval"]),
     ]
     dims = [256, 1792]
-    encode, _, _ = open_model(str(export_dir))
-    ours = evaluate(encode, tasks, dims)["tasks"]
-    run_ours = evaluate(embedder_encode_fn(Embedder.from_checkpoint(quickstart_stage2[0])), tasks, dims)["tasks"]
-    adapter = TPEmbedMTEBModel(str(quickstart_stage2[0]))
+    ours = evaluate(export_encode, tasks, dims)["tasks"]
+    run_ours = evaluate(embedder_encode_fn(run_embedder), tasks, dims)["tasks"]
+    adapter = TPEmbedMTEBModel(str(quickstart_stage2[0]), embedder=run_embedder)
     through_adapter = run_mteb(adapter, [LocalSTS(), LocalRetrieval()], dims)["tasks"]
+    model = SentenceTransformer(str(export_dir), trust_remote_code=True, device="cpu")
     for dim in dims:
-        model = SentenceTransformer(str(export_dir), trust_remote_code=True, device="cpu", truncate_dim=dim)
+        model.truncate_dim = dim
         sts, retrieval = mteb.evaluate(model, [LocalSTS(), LocalRetrieval()], cache=None, show_progress_bar=False)
         assert sts.get_score() == pytest.approx(ours["LocalSTS"]["by_dim"][str(dim)]["spearman"] / 100, abs=1e-6)
         # mteb rounds retrieval metrics to 5 decimals
@@ -235,26 +248,36 @@ def test_sts_and_retrieval_through_mteb_equal_tpembeds_own_evaluator(export_dir,
             )
 
 
-def test_a_second_model_gets_its_own_scores(export_dir, quickstart_stage1, monkeypatch, tmp_path):
+def test_a_second_model_gets_its_own_scores(
+    export_dir, export_encode, export_adapter, quickstart_stage1, monkeypatch, tmp_path
+):
     """Both through mteb's default cache: each model's results are filed under its own name."""
     monkeypatch.setenv("MTEB_CACHE", str(tmp_path / "cache"))
     task = EvalTaskConfig("LocalSTS", "sts", "", TYPE_INSTRUCTIONS["en"]["STS"])
-    data = tuple(map(list, zip(*STS_PAIRS)))
+    data = {"LocalSTS": tuple(map(list, zip(*STS_PAIRS)))}
+    stage1 = Embedder.from_checkpoint(quickstart_stage1)
     scores = {}
-    for path in (export_dir, quickstart_stage1):
-        adapter = TPEmbedMTEBModel(str(path))
+    models = ((export_dir, export_adapter, export_encode), (quickstart_stage1, None, embedder_encode_fn(stage1)))
+    for path, adapter, encode in models:
+        adapter = adapter or TPEmbedMTEBModel(str(path), embedder=stage1)
         results = run_mteb(adapter, [LocalSTS()], [1792], cache=mteb.ResultCache())
-        encode, _, _ = open_model(str(path))
-        own = evaluate(encode, [task], [1792], loaded={"LocalSTS": data})["tasks"]["LocalSTS"]["by_dim"]["1792"]
+        own = evaluate(encode, [task], [1792], loaded=data)["tasks"]["LocalSTS"]
         scores[path] = results["tasks"]["LocalSTS"]["by_dim"]["1792"]["cosine_spearman"]
-        assert scores[path] == pytest.approx(own["spearman"], abs=1e-4)
+        assert scores[path] == pytest.approx(own["by_dim"]["1792"]["spearman"], abs=1e-4)
     assert scores[export_dir] != pytest.approx(scores[quickstart_stage1], abs=1e-3)
     names = sorted(p.name for p in (tmp_path / "cache" / "results").iterdir())
     assert names == ["tpembed__quickstart", "tpembed__stage1"]
-    # the card's snippet names a plain SentenceTransformer too, so it is not filed with the others
-    model = SentenceTransformer(str(export_dir), trust_remote_code=True, device="cpu")
-    model.model_card_data.model_name = "tpembed/quickstart-plain"
-    assert mteb.evaluate(model, LocalSTS(), show_progress_bar=False).model_name == "tpembed/quickstart-plain"
+
+
+def test_the_cards_snippet_names_a_plain_sentence_transformer(recording_model, monkeypatch, tmp_path):
+    """Unnamed, mteb files every local SentenceTransformer under one name; the card sets one."""
+    monkeypatch.setenv("MTEB_CACHE", str(tmp_path / "cache"))
+    model, _ = recording_model
+    monkeypatch.setattr(model.model_card_data, "model_name", "tpembed/quickstart-plain")
+    assert mteb.evaluate(model, LocalSTS(), show_progress_bar=False, cache=mteb.ResultCache()).model_name == (
+        "tpembed/quickstart-plain"
+    )
+    assert [p.name for p in (tmp_path / "cache" / "results").iterdir()] == ["tpembed__quickstart-plain"]
 
 
 def test_tpembed_eval_mteb_writes_results_table_plot_and_card_line(export_dir, monkeypatch, tmp_path, capsys):
@@ -284,18 +307,22 @@ def test_tpembed_eval_mteb_writes_results_table_plot_and_card_line(export_dir, m
     assert results["summary"] in (card / "README.md").read_text()
 
 
-def test_bad_input_fails_before_anything_is_encoded(export_dir, monkeypatch, tmp_path, capsys):
+def test_bad_input_fails_before_the_model_is_loaded(export_dir, monkeypatch, tmp_path, capsys):
     from tpembed.train import mteb_adapter
 
-    def no_evaluation(*args, **kwargs):
-        raise AssertionError("mteb.evaluate must not run")
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("neither the model nor mteb.evaluate may run on bad input")
 
-    monkeypatch.setattr(mteb, "evaluate", no_evaluation)
+    monkeypatch.setattr(mteb, "evaluate", must_not_run)
+    monkeypatch.setattr(mteb_adapter, "TPEmbedMTEBModel", must_not_run)
+    table = tmp_path / "table.yaml"
+    table.write_text("tasks:\n  MyTask: {type: Retreival, instruction: find}\n")
     cases = [
         (["--mteb", "T2Retrievl"], "neither an mteb benchmark nor an mteb task"),
         (["--mteb", "MTEB(cmn, v2)"], "MTEB(cmn, v1)"),
         (["--mteb", "LCQMC", "--dims", "4096"], "--dims 4096: the model's embeddings have 1792 numbers"),
         (["--mteb", "LCQMC", "--instruction", "Retreival=find"], "unknown task type or task 'Retreival'"),
+        (["--mteb", "LCQMC", "--instructions", str(table)], "task 'MyTask': unknown task type 'Retreival'"),
     ]
     for flags, message in cases:
         with pytest.raises(SystemExit):
@@ -305,11 +332,23 @@ def test_bad_input_fails_before_anything_is_encoded(export_dir, monkeypatch, tmp
     with pytest.raises(SystemExit):
         main([str(export_dir), "--mteb", "LCQMC"])
     assert "pip install 'tpembed[mteb]'" in capsys.readouterr().err
-    assert mteb_adapter.MTEB_EXTRA_HINT == "pip install 'tpembed[mteb]'"
 
 
-def test_an_export_without_task_type_prompts_still_loads_and_says_so(export_dir, tmp_path):
-    """Exports of tpembed < 0.3 hold only `query` and `document`: mteb reads STS without instruction."""
+def test_a_task_whose_data_cannot_be_reached_fails_with_what_to_do(export_dir, monkeypatch, capsys):
+    from tpembed.train import mteb_adapter
+
+    class Unreachable(LocalSTS):
+        def load_data(self, **kwargs):
+            raise ConnectionError("Couldn't reach 'C-MTEB/LCQMC' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(mteb_adapter, "resolve_mteb_tasks", lambda names, skip: ([Unreachable()], []))
+    assert main([str(export_dir), "--mteb", "LCQMC", "--dims", "256", "1792", "--no-progress"]) == 1
+    error = capsys.readouterr().err
+    assert "mteb could not load or run LocalSTS: Couldn't reach 'C-MTEB/LCQMC'" in error and "run it online" in error
+
+
+def test_an_export_without_task_type_prompts_still_loads_and_says_so(export_dir, export_encode, tmp_path):
+    """Older exports hold only `query` and `document`: mteb reads STS without instruction."""
     old = tmp_path / "old"
     old.mkdir()
     for path in export_dir.rglob("*"):
@@ -322,11 +361,12 @@ def test_an_export_without_task_type_prompts_still_loads_and_says_so(export_dir,
     assert not adapter.has_task_type_prompts and adapter.prompt_for("LocalSTS", "STS") == ""
     texts = [a for a, _, _ in STS_PAIRS[:4]]
     encoded = adapter.encode([{"text": texts}], task_metadata=LocalSTS.metadata, prompt_type=None)
-    encode, _, _ = open_model(str(export_dir))
-    torch.testing.assert_close(torch.as_tensor(encoded), encode(texts, None), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.as_tensor(encoded), export_encode(texts, None), atol=1e-5, rtol=0)
 
 
-def test_the_card_and_the_model_meta_list_the_training_datasets(export_dir, quickstart_stage2):
+def test_the_card_and_the_model_meta_list_the_training_datasets(
+    export_dir, export_adapter, quickstart_stage2, run_embedder
+):
     from tpembed.train.config import load_saved_config
 
     names = set()
@@ -335,6 +375,7 @@ def test_the_card_and_the_model_meta_list_the_training_datasets(export_dir, quic
             names.add(dataset.name or dataset.path.rsplit("/", 1)[-1].removesuffix(".jsonl"))
     card = (export_dir / "README.md").read_text()
     assert "training_datasets = {" + ", ".join(f'"{n}"' for n in sorted(names)) + "}" in card
-    for path in (export_dir, quickstart_stage2[0]):
-        meta = TPEmbedMTEBModel(str(path), dim=256).mteb_model_meta
+    for adapter in (export_adapter, TPEmbedMTEBModel(str(quickstart_stage2[0]), embedder=run_embedder)):
+        adapter.dim = 256
+        meta = adapter.mteb_model_meta
         assert meta.training_datasets == names and meta.embed_dim == 256 and meta.experiment_kwargs == {"dim": 256}

@@ -244,13 +244,20 @@ class LoggingConfig:
 @dataclass
 class EvalTaskConfig:
     name: str = _help("name in results and logs", "")
-    type: Literal["sts", "retrieval"] = _help(
-        "sts: pairs with scores (Spearman); retrieval: BEIR layout (nDCG@10)", "sts"
+    type: Literal["sts", "retrieval", "classification", "clustering"] = _help(
+        "sts: pairs with scores (Spearman); retrieval: BEIR layout (nDCG@10); classification: a directory of "
+        "train.jsonl and <split>.jsonl {sentence|text, label} (logistic-regression accuracy); clustering: "
+        "<split>.jsonl or a JSONL file of the same rows (k-means V-measure)",
+        "sts",
     )
-    path: str = _help("sts: JSONL of {sentence1, sentence2, score}; retrieval: BEIR directory", "")
-    instruction: str | None = _help("query-side instruction (sts: both sides)", None)
-    limit: int | None = _help("evaluate only the first N pairs / queries", None)
-    split: str = _help("retrieval: qrels/<split>.tsv", "test")
+    path: str = _help(
+        "sts: JSONL of {sentence1, sentence2, score}; retrieval: BEIR directory; classification: a directory of "
+        "train.jsonl and <split>.jsonl; clustering: such a directory or a JSONL file",
+        "",
+    )
+    instruction: str | None = _help("query-side instruction (symmetric tasks: every text)", None)
+    limit: int | None = _help("evaluate only the first N pairs / queries / evaluated texts", None)
+    split: str = _help("retrieval: qrels/<split>.tsv; classification, clustering: <split>.jsonl is evaluated", "test")
 
 
 @dataclass

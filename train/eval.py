@@ -143,8 +143,8 @@ def load_task_data(task: EvalTaskConfig):
     return load_sts(task) if task.type == "sts" else load_beir(task)
 
 
-def _slice(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
-    return F.normalize(embeddings[:, :dim].float(), dim=-1)
+def _slice(embeddings: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return F.normalize(embeddings[:, :dim].to(dtype), dim=-1)
 
 
 def classification_scores(train_x: torch.Tensor, train_y: list[str], x: torch.Tensor, y: list[str]) -> dict:
@@ -170,7 +170,11 @@ def clustering_scores(x: torch.Tensor, labels: list[str]) -> dict:
 def _score_sts(encode: EncodeFn, task: EvalTaskConfig, dims: list[int], data) -> tuple[dict, int]:
     first, second, gold = data
     left, right = encode(first, task.instruction), encode(second, task.instruction)
-    by_dim = {str(dim): {"spearman": spearman((_slice(left, dim) * _slice(right, dim)).sum(-1), gold)} for dim in dims}
+    by_dim = {}
+    for dim in dims:
+        # in float64: the cosines of a model's pairs can agree to 7 digits, where float32 rounding reorders them
+        cosines = (_slice(left, dim, torch.float64) * _slice(right, dim, torch.float64)).sum(-1)
+        by_dim[str(dim)] = {"spearman": spearman(cosines, gold)}
     return by_dim, len(gold)
 
 
@@ -479,12 +483,15 @@ def _main_mteb(parser: argparse.ArgumentParser, args) -> int:
         parser.error("--mteb evaluates MODEL (a tpembed run, checkpoint or export), not --base-model")
     if args.tasks or args.sts or args.retrieval or args.limit:
         parser.error("--mteb runs mteb's tasks; evaluate --tasks, --sts, --retrieval or --limit in a separate call")
-    from tpembed.train.mteb_adapter import evaluate_with_mteb
+    from tpembed.train.mteb_adapter import MTEBRunError, evaluate_with_mteb
 
     try:
         results = evaluate_with_mteb(args)
     except ConfigError as error:
         parser.error(str(error))
+    except MTEBRunError as error:
+        print(f"tpembed-eval: {error}", file=sys.stderr)
+        return 1
     _report(results, args.output_dir)
     return 0
 

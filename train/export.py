@@ -298,21 +298,28 @@ def _write_card(
     ]
     lines += [f"- `{name}`: {json.dumps(prompt, ensure_ascii=False)}" for name, prompt in prompts.items()]
     lines += ["", CARD_MTEB.replace("DIM", str(embedder.embedding_dim)).replace("NAME", title)]
-    if run_config is not None:
-        lines += [
-            "",
-            "## Training data",
-            "",
-            "The datasets of the training configs, as the runs name them, in the form of mteb's "
-            "`ModelMeta.training_datasets` (where one is an mteb task's data, write the mteb task name):",
-            "",
-            "```python",
-            training_datasets_line(training_datasets(run_config)),
-            "```",
-        ]
+    lines += _card_training_data(run_config)
     if eval_results:
         lines += ["", "## Evaluation", "", _results_table(Path(eval_results))]
     (directory / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _card_training_data(run_config) -> list[str]:
+    """The datasets of the run (and of the stage-1 run it started from) in mteb's ModelMeta form, so
+    users can disclose them; TPEmbedMTEBModel reads the line back into its ModelMeta."""
+    if run_config is None:
+        return []
+    return [
+        "",
+        "## Training data",
+        "",
+        "The datasets of the training configs, as the runs name them, in the form of mteb's "
+        "`ModelMeta.training_datasets` (where one is an mteb task's data, write the mteb task name):",
+        "",
+        "```python",
+        training_datasets_line(training_datasets(run_config)),
+        "```",
+    ]
 
 
 def add_results_to_card(export_dir: str | Path, eval_results: str | Path) -> None:
@@ -404,17 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query-max-len", type=int, help="max query tokens (default: training's)")
     parser.add_argument("--passage-max-len", type=int, help="max document tokens (default: training's)")
     args = parser.parse_args(argv)
-    prompts = {}
-    for item in args.prompt:
-        name, sep, instruction = item.partition("=")
-        if not sep or not name:
-            parser.error(f"--prompt expects NAME=INSTRUCTION, got {item!r}")
-        prompts[name] = instruction
-    try:
-        table = build_instruction_table(
-            args.language, args.instructions, parse_assignments(args.instruction, "--instruction")
-        )
-    except (MTEBUsageError, OSError) as error:
+    try:  # every flag is checked before the checkpoint is read
+        prompts = parse_assignments(args.prompt, "--prompt")
+        entries = parse_assignments(args.instruction, "--instruction")
+        table = build_instruction_table(args.language, args.instructions, entries)
+    except MTEBUsageError as error:
         parser.error(str(error))
     try:
         report = export(

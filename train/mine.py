@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--base-model", help="a base LM without training (PromptEOL)")
     model.add_argument("--template", default="prompteol", help="base model: the template")
     model.add_argument("--tp-layers", type=parse_tp_layers, help="base model: Token Prepending layers")
+    model.add_argument("--placeholder", help="base model: the placeholder token (added when missing)")
+    model.add_argument("--no-placeholder", action="store_true", help="base model: the template without placeholder")
     model.add_argument("--instruction", default=DataConfig.default_instruction,
                        help="query instruction of records that have none")  # fmt: skip
     model.add_argument("--batch-size", type=int, default=64, help="texts per encoding batch")
@@ -88,7 +90,8 @@ def model_identity(args) -> str:
     source = Path(args.model or args.base_model)
     files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else []
     stamp = [(str(p.relative_to(source)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    options = [args.template, args.tp_layers, args.query_max_len, args.passage_max_len, bool(args.base_model)]
+    options = [args.template, args.tp_layers, args.query_max_len, args.passage_max_len, bool(args.base_model),
+               args.placeholder, args.no_placeholder]  # fmt: skip
     digest = hashlib.sha256(json.dumps([str(source.resolve()), stamp, options], default=str).encode()).hexdigest()
     return f"{source.name}@{digest[:16]}"
 
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         encode, _, name = open_model(
             args.model, base_model=args.base_model, template=args.template, tp_layers=args.tp_layers,
+            placeholder=args.placeholder, use_placeholder=not args.no_placeholder,
             query_max_len=args.query_max_len, passage_max_len=args.passage_max_len, batch_size=args.batch_size,
             device=state.device,
         )  # fmt: skip

@@ -151,6 +151,9 @@ class InstructionTable:
         """A copy with `entries` set: a task type, a C-MTEB task name, or any task name with its type."""
         task_types, tasks = dict(self.task_types), dict(self.tasks)
         for key, value in entries.items():
+            instruction = value.get("instruction") if isinstance(value, dict) else value
+            if instruction is not None and not isinstance(instruction, str):
+                raise MTEBUsageError(f"{key}: an instruction is text, got {instruction!r}")
             if isinstance(value, dict):
                 task_type, instruction = value.get("type"), value.get("instruction")
                 _check_type(task_type, f"task {key!r}")
@@ -267,15 +270,17 @@ def training_datasets(run_config) -> list[str]:
     from tpembed.train.checkpoint import resolve_checkpoint
     from tpembed.train.config import load_saved_config
 
-    names, config, seen = [], run_config, set()
-    while config is not None and id(config) not in seen:
-        seen.add(id(config))
+    names, config, visited = [], run_config, set()
+    while config is not None:
         names += [dataset.name or Path(dataset.path).stem for dataset in dataset_configs(config)]
         try:
-            source = resolve_checkpoint(config.model.init_from) if config.model.init_from else None
-        except FileNotFoundError:
+            source = resolve_checkpoint(config.model.init_from).resolve() if config.model.init_from else None
+        except FileNotFoundError:  # moved or deleted since: the names found so far
             source = None
-        config = load_saved_config(source / "config.yaml") if source and (source / "config.yaml").is_file() else None
+        if source is None or source in visited or not (source / "config.yaml").is_file():
+            break
+        visited.add(source)
+        config = load_saved_config(source / "config.yaml")
     return sorted(set(names))
 
 
@@ -310,6 +315,28 @@ def model_identity(path: str | Path) -> tuple[str, str]:
         stat = weights.stat()
         digest.update(f"{weights.relative_to(weights_dir)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     return f"tpembed/{name}", f"{checkpoint}-{digest.hexdigest()[:10]}"
+
+
+def stored_dims(path: str | Path) -> list[int] | None:
+    """The Matryoshka dims a run, checkpoint or export records, read without loading weights (None:
+    not recorded), so a wrong --dims fails before a large model is loaded."""
+    from tpembed.modeling.encoder import read_encoder_spec
+    from tpembed.train.embedder import model_directory
+
+    path = Path(path)
+    try:
+        if (path / "modules.json").is_file():
+            stored = json.loads((path / "tpembed_st_config.json").read_text())
+            return stored.get("mrl_dims") or [
+                json.loads((path / "2_Dense" / "config.json").read_text())["out_features"]
+            ]
+        directory = model_directory(path)
+        spec = read_encoder_spec(directory)
+        if spec.output_dim:
+            return list(spec.mrl_dims) or [spec.output_dim]
+        return [json.loads((directory / "config.json").read_text())["hidden_size"]]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 @dataclass
@@ -349,16 +376,20 @@ def _export_backend(path: Path, device, batch_size: int) -> _Backend:
     )
 
 
-def _run_backend(path, embedder, table: InstructionTable, batch_size: int) -> _Backend:
-    """A run, checkpoint or model directory (or a loaded Embedder): the table's instructions, raw."""
+def _run_backend(path: str, embedder, table: InstructionTable, batch_size: int) -> _Backend:
+    """A run, checkpoint or model directory: the table's instructions, raw. `embedder` is its model when
+    loaded already, else the device to load it on; the run's config (when `path` has one) gives the
+    query instruction and the training datasets."""
     from tpembed.train.config import load_saved_config
     from tpembed.train.embedder import Embedder, model_directory
 
-    run_config = None
-    if path is not None and Path(path).exists():
+    try:
         config_path = model_directory(path).parent / "config.yaml"
-        run_config = load_saved_config(config_path) if config_path.is_file() else None
-    embedder = embedder or Embedder.from_checkpoint(path)
+    except FileNotFoundError:  # a name only, with its model given as `embedder`
+        config_path = None
+    run_config = load_saved_config(config_path) if config_path and config_path.is_file() else None
+    if not isinstance(embedder, Embedder):
+        embedder = Embedder.from_checkpoint(path, device=embedder)
 
     def encode(texts: list[str], instruction: str) -> torch.Tensor:
         return embedder.encode(texts, instruction or None, batch_size=batch_size)
@@ -412,9 +443,7 @@ class TPEmbedMTEBModel:
         else:
             if not isinstance(instructions, InstructionTable):
                 instructions = InstructionTable.default(language).with_entries(instructions or {})
-            self.backend = _run_backend(
-                None if embedder is not None else model_name, embedder, instructions, batch_size
-            )
+            self.backend = _run_backend(model_name, embedder or device, instructions, batch_size)
         self.dims = self.backend.dims
         self.full_dim = max(self.dims)
         self.dim = check_dims([dim or self.full_dim], self.dims)[0]
@@ -424,7 +453,7 @@ class TPEmbedMTEBModel:
 
     @property
     def has_task_type_prompts(self) -> bool:
-        """False for exports written before task-type prompts (tpembed < 0.3): mteb then encodes
+        """False for exports written before tpembed wrote task-type prompts: mteb then encodes
         STS, PairClassification, Classification and Clustering without instruction."""
         return "STS" in self.prompts
 
@@ -530,6 +559,35 @@ def resolve_mteb_tasks(names: list[str], skip: Iterable[str] = ()) -> tuple[list
     return [task for name, task in tasks.items() if name not in set(skip)], benchmarks
 
 
+class MTEBRunError(RuntimeError):
+    """mteb could not load or run a task (most often: its data is not reachable on the Hub)."""
+
+
+def _run_task(mteb, model: TPEmbedMTEBModel, task, dims: list[int], cache, encode_kwargs: dict, progress: bool) -> dict:
+    """One task at every dim: its data is loaded once (mteb unloads only what it loaded itself) and its
+    texts encoded once (the model keeps them until `forget`)."""
+    name, loaded_here = task.metadata.name, False
+    try:
+        if len(dims) > 1 and not task.data_loaded:
+            task.load_data()
+            loaded_here = True
+        by_dim = {}
+        for dim in dims:
+            model.dim = dim
+            outcome = mteb.evaluate(model, task, cache=cache, show_progress_bar=progress, encode_kwargs=encode_kwargs)
+            by_dim[str(dim)] = {task.metadata.main_score: 100 * float(outcome.task_results[0].get_score())}
+    except (ConnectionError, OSError) as error:
+        raise MTEBRunError(
+            f"mteb could not load or run {name}: {error} (mteb downloads task data from the Hugging Face Hub: "
+            "run it online, or with the data in the Hugging Face cache)"
+        ) from error
+    finally:
+        model.forget()
+        if loaded_here:
+            task.unload_data()
+    return {"type": task.metadata.type, "main_metric": task.metadata.main_score, "by_dim": by_dim}
+
+
 def run_mteb(model: TPEmbedMTEBModel, tasks: list, dims: list[int], *, cache=None, batch_size: int = 32,
              progress: bool = False) -> dict:  # fmt: skip
     """mteb's score of every task at every dim, x100, in tpembed's results layout; each task's texts are
@@ -541,20 +599,10 @@ def run_mteb(model: TPEmbedMTEBModel, tasks: list, dims: list[int], *, cache=Non
     model.reuse_embeddings = True
     try:
         for task in tasks:
-            by_dim = {}
-            for dim in dims:
-                model.dim = dim
-                outcome = mteb.evaluate(
-                    model, task, cache=cache, show_progress_bar=progress, encode_kwargs={"batch_size": batch_size}
-                )
-                by_dim[str(dim)] = {task.metadata.main_score: 100 * float(outcome.task_results[0].get_score())}
-            results["tasks"][task.metadata.name] = {
-                "type": task.metadata.type, "main_metric": task.metadata.main_score, "by_dim": by_dim
-            }  # fmt: skip
-            model.forget()
+            encode_kwargs = {"batch_size": batch_size}
+            results["tasks"][task.metadata.name] = _run_task(mteb, model, task, dims, cache, encode_kwargs, progress)
     finally:
         model.reuse_embeddings = False
-        model.forget()
     return results
 
 
@@ -583,13 +631,15 @@ def evaluate_with_mteb(args) -> dict:
     language = file_language or args.language
     InstructionTable.default(language).with_entries(entries)  # fails here, not after loading the model
     tasks, benchmarks = resolve_mteb_tasks(args.mteb, args.skip)
+    if args.dims and stored_dims(args.model):
+        check_dims(args.dims, stored_dims(args.model))
     model = TPEmbedMTEBModel(
         args.model, instructions=entries, language=language, batch_size=args.batch_size, name=args.mteb_name
     )
     dims = check_dims(args.dims or model.dims, model.dims)
     if not model.has_task_type_prompts:
         print(
-            f"note: {args.model} has no task-type prompts (exported by tpembed < 0.3): mteb encodes STS, "
+            f"note: {args.model} has no task-type prompts (an older export): mteb encodes STS, "
             "PairClassification, Classification and Clustering without instruction; re-export it to add them",
             file=sys.stderr,
         )

@@ -1,6 +1,7 @@
 """Print the docs/RESULTS.md tables from the results.json files that results.sh writes.
 
 python configs/smollm2/tables.py            # reads runs/smollm2/results/* and runs/smollm2/eval
+python configs/smollm2/tables.py --compare DIR...   # one row per evaluation directory
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ def cell(results: dict | None, task: str, dim: int | None = None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/smollm2", type=Path)
+    parser.add_argument("--compare", nargs="+", type=Path, help="evaluation directories, one row each")
     args = parser.parse_args()
+    if args.compare:
+        compare(args.compare)
+        return
     loaded = [(label, load(args.root / sub)) for label, sub in ROWS]
     for language, tasks in LANGUAGES.items():
         metrics = []
@@ -64,6 +69,17 @@ def main() -> None:
             values = [entry["by_dim"][str(d)][metric] for d in dims]
             gap = entry["by_dim"]["256"][metric] - values[-1] if "256" in entry["by_dim"] else float("nan")
             print(f"| {task} ({metric}) | " + " | ".join(f"{v:.2f}" for v in values) + f" | {gap:+.2f} |")
+
+
+def compare(directories: list[Path]) -> None:
+    """The main metric of every task at the full dim (and at 256), a row per directory."""
+    loaded = [(path.name, load(path)) for path in directories]
+    tasks = list(next(r for _, r in loaded if r)["tasks"])
+    print("| run | " + " | ".join(tasks) + " | mean |")
+    print("|---|" + "---:|" * (len(tasks) + 1))
+    for name, results in loaded:
+        values = [float(cell(results, t)) if cell(results, t) != "n/a" else float("nan") for t in tasks]
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {sum(values) / len(values):.2f} |")
 
 
 if __name__ == "__main__":
