@@ -4,7 +4,7 @@
 
 Same model (a random-init tiny Qwen3 with last-token pooling, saved as a sentence-transformers
 directory: both load it the same way), same corpus of short synthetic passages (8-24 words),
-same records (a query built from its positive's words), same settings (exact search, ranks
+same records (a query is its positive with two words left out), same settings (exact search, ranks
 10-100, relative margin 0.05, 4 negatives, the top ones; tpembed stores float32 embeddings
 here so the scores are the same numbers). Reports, at each corpus size: wall time and peak RSS
 of each (separate processes), and how many queries got the same negatives from both.
@@ -32,7 +32,8 @@ def write_data(work, corpus_size: int, num_queries: int, seed: int = 0):
     with records.open("w") as handle:
         for positive in rng.sample(passages, num_queries):
             words = positive.split()
-            query = " ".join(rng.sample(words, k=min(6, len(words))))
+            dropped = set(rng.sample(range(len(words)), k=2))  # the positive, two words left out
+            query = " ".join(w for i, w in enumerate(words) if i not in dropped)
             handle.write(json.dumps({"query": query, "pos": [positive]}) + "\n")
     return corpus, records, len(passages)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import unicodedata
 from array import array
 from collections import Counter
@@ -76,11 +77,13 @@ class MiningSettings:
 # ---- texts ------------------------------------------------------------------------------
 
 
+_NOT_WORD = re.compile(r"[\W_]+")
+
+
 def normalize_text(text: str) -> str:
-    """Case, width, whitespace and punctuation folded away (NFKC, casefold, then only letters,
-    digits and symbols kept): near-duplicates compare equal, in any script."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return "".join(ch for ch in text if not ch.isspace() and not unicodedata.category(ch).startswith("P"))
+    """Case, width, whitespace, punctuation and symbols folded away (NFKC, casefold, then only
+    letters and digits kept, in any script): near-duplicates compare equal."""
+    return _NOT_WORD.sub("", unicodedata.normalize("NFKC", text).casefold())
 
 
 def text_key(text: str) -> int:
@@ -298,19 +301,31 @@ def _encode_by_instruction(encode: EncodeFn, items: list) -> torch.Tensor:
 
 
 class ShardedEmbeddings:
-    """The shards of one kind as one (n, dim) array, memory-mapped."""
+    """The shards of one kind as one (n, dim) array. Each shard is memory-mapped only while it
+    is read, so the pages of shards already searched do not stay in the process's memory."""
 
     def __init__(self, work: Path, kind: str, size: int, shard_size: int):
         self.shard_size = shard_size
-        self.shards = [np.load(shard_path(work, kind, s), mmap_mode="r") for s in range(num_shards(size, shard_size))]
+        self.paths = [shard_path(work, kind, s) for s in range(num_shards(size, shard_size))]
+        first = np.load(self.paths[0], mmap_mode="r")
+        self.dim = first.shape[1]
+
+    def shard(self, number: int) -> torch.Tensor:
+        """Shard `number` as a float32 tensor (a copy; the mapping is closed again)."""
+        mapped = np.load(self.paths[number], mmap_mode="r")
+        copy = torch.from_numpy(np.array(mapped, dtype=np.float32))
+        del mapped
+        return copy
 
     def rows(self, indices: np.ndarray) -> torch.Tensor:
         """(len(indices), dim) float32 rows, gathered from their shards."""
-        out = np.empty((len(indices), self.shards[0].shape[1]), dtype=np.float32)
+        out = np.empty((len(indices), self.dim), dtype=np.float32)
         shard_of, row_of = np.divmod(np.asarray(indices, dtype=np.int64), self.shard_size)
         for shard in np.unique(shard_of):
             chosen = shard_of == shard
-            out[chosen] = self.shards[shard][row_of[chosen]]
+            mapped = np.load(self.paths[shard], mmap_mode="r")
+            out[chosen] = mapped[row_of[chosen]]
+            del mapped
         return torch.from_numpy(out)
 
     def block(self, start: int, stop: int) -> torch.Tensor:
@@ -322,17 +337,17 @@ class ShardedEmbeddings:
 
 def exact_top_k(queries: torch.Tensor, corpus: ShardedEmbeddings, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best corpus rows for each query by inner product, shard by shard: memory holds one
-    (queries x shard) score block and the running (queries x k) best, never the whole matrix.
-    Ties keep the lower corpus index first."""
+    (queries x shard) score block, reused, and the running (queries x k) best, never the whole
+    matrix. Ties keep the lower corpus index first."""
     best_scores = torch.full((queries.shape[0], 0), float("-inf"))
     best_indices = torch.zeros((queries.shape[0], 0), dtype=torch.long)
-    for shard_number, shard in enumerate(corpus.shards):
-        scores = queries @ torch.from_numpy(np.array(shard, dtype=np.float32)).T  # (Q, shard)
-        take = min(k, scores.shape[1])
-        top_scores, top_local = torch.topk(scores, take, dim=1, sorted=True)
-        indices = top_local + shard_number * corpus.shard_size
+    buffer = torch.empty(queries.shape[0], corpus.shard_size)
+    for shard_number in range(len(corpus.paths)):
+        shard = corpus.shard(shard_number)
+        scores = torch.matmul(queries, shard.T, out=buffer[:, : shard.shape[0]])  # (Q, shard)
+        top_scores, top_local = torch.topk(scores, min(k, scores.shape[1]), dim=1, sorted=True)
         merged_scores = torch.cat([best_scores, top_scores], dim=1)
-        merged_indices = torch.cat([best_indices, indices], dim=1)
+        merged_indices = torch.cat([best_indices, top_local + shard_number * corpus.shard_size], dim=1)
         order = _order(merged_scores, merged_indices)[:, :k]
         best_scores, best_indices = merged_scores.gather(1, order), merged_indices.gather(1, order)
     return best_scores, best_indices
@@ -354,11 +369,11 @@ class FaissIndex:
             import faiss
         except ImportError:
             raise ImportError("--faiss needs the faiss package: pip install 'tpembed[faiss]'") from None
-        self.index = faiss.IndexFlatIP(corpus.shards[0].shape[1])
+        self.index = faiss.IndexFlatIP(corpus.dim)
         if hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available():
             self.index = faiss.index_cpu_to_all_gpus(self.index)
-        for shard in corpus.shards:
-            self.index.add(np.ascontiguousarray(shard, dtype=np.float32))
+        for number in range(len(corpus.paths)):
+            self.index.add(np.ascontiguousarray(corpus.shard(number).numpy()))
 
     def top_k(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         scores, indices = self.index.search(np.ascontiguousarray(queries.numpy()), k)
