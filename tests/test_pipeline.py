@@ -10,7 +10,8 @@ from tpembed.train.pipeline import RECIPES
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_dataset_of_a_recipe_exists_or_is_prepared(name):
     recipe = RECIPES[name]
-    prepared = {target for _, _, target in recipe["prepare"]}
+    steps = recipe["prepare"] + recipe["after_stage1"]
+    prepared = {creates for creates, _ in steps}
     for stage in (1, 2):
         config = load_config(["--config", str(REPO / recipe[f"stage{stage}"])], base=STAGE_DEFAULTS[stage])
         for dataset in config.data.datasets:
@@ -22,5 +23,9 @@ def test_every_dataset_of_a_recipe_exists_or_is_prepared(name):
                 continue
             bundled = dataset.path.startswith("data/") and (REPO / dataset.path).exists()
             assert bundled, f"{name} stage {stage}: {dataset.path} is neither bundled (data/) nor prepared"
-    for _, source, _ in recipe["prepare"]:
-        assert source.startswith("../shared/data/") or (REPO / source).exists()
+    for creates, (module, *arguments) in steps:
+        assert module.startswith("tpembed.") and any(creates.startswith(a) for a in arguments), creates
+        inputs = [a for a in arguments if a.startswith(("../shared/data/", "data/", "configs/"))]
+        for source in inputs:
+            if not source.startswith("../shared/data/") or SHARED_DATA.is_dir():
+                assert (REPO / source).exists(), f"{name}: {source}"
