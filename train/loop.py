@@ -71,7 +71,17 @@ def train(config: Config) -> Path:
     if start_step >= config.train.max_steps:
         logger.info("nothing to do: the run already reached max_steps=%d", config.train.max_steps)
     accelerator.end_training()
+    close_processes(accelerator)
     return latest_checkpoint(run_dir) or run_dir
+
+
+def close_processes(accelerator) -> None:
+    """Tear the process group down on every rank together, before the interpreter exits: left to
+    interpreter shutdown, a rank can still destroy its communicator while another uses it
+    (seen once as an abort of one DeepSpeed rank at exit, under load)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
 
 
 def run_stage(stage: int, argv: list[str] | None = None, description: str = "") -> None:
