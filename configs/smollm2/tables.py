@@ -2,12 +2,15 @@
 
 python configs/smollm2/tables.py            # reads runs/smollm2/results/* and runs/smollm2/eval
 python configs/smollm2/tables.py --compare DIR...   # one row per evaluation directory
+python configs/smollm2/tables.py --seeds DIR        # the TP ablation of tp_ablation.sh: mean and spread
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 from pathlib import Path
 
 ROWS = [
@@ -42,9 +45,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/smollm2", type=Path)
     parser.add_argument("--compare", nargs="+", type=Path, help="evaluation directories, one row each")
+    parser.add_argument("--seeds", type=Path, help="a tp_ablation.sh output directory (eval_tp_<setting>_seed<n>)")
     args = parser.parse_args()
     if args.compare:
         compare(args.compare)
+        return
+    if args.seeds:
+        seeds(args.seeds)
         return
     loaded = [(label, load(args.root / sub)) for label, sub in ROWS]
     for language, tasks in LANGUAGES.items():
@@ -80,6 +87,43 @@ def compare(directories: list[Path]) -> None:
     for name, results in loaded:
         values = [float(cell(results, t)) if cell(results, t) != "n/a" else float("nan") for t in tasks]
         print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {sum(values) / len(values):.2f} |")
+
+
+def score(results: dict, task: str, dim: int | None = None) -> float:
+    return float(cell(results, task, dim))
+
+
+def spread(values: list[float]) -> str:
+    """Mean ± sample standard deviation (± 0 for a single value)."""
+    deviation = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {deviation:.2f}"
+
+
+def seeds(root: Path) -> None:
+    """Per task: mean ± sd over seeds of each setting, and of the paired difference (same seed)."""
+    runs: dict[str, dict[int, dict]] = {}
+    for path in sorted(root.glob("eval_tp_*_seed*")):
+        match = re.fullmatch(r"eval_tp_(.+)_seed(\d+)", path.name)
+        results = load(path)
+        if match and results:
+            runs.setdefault(match[1], {})[int(match[2])] = results
+    if set(runs) != {"1_7", "none"}:
+        raise SystemExit(f"{root}: expected eval_tp_1_7_seed* and eval_tp_none_seed* directories, found {sorted(runs)}")
+    paired = sorted(set(runs["1_7"]) & set(runs["none"]))
+    tasks = list(runs["1_7"][paired[0]]["tasks"])
+    for dim in (None, 256):
+        label = "full dim" if dim is None else f"dim {dim}"
+        print(f"\n### Token Prepending 1-7 vs none, seeds {paired}, {label} (mean ± sd)\n")
+        print("| task (metric) | TP 1-7 | none | TP - none (paired) | seeds TP better |")
+        print("|---|---:|---:|---:|---:|")
+        for task in tasks:
+            metric = runs["1_7"][paired[0]]["tasks"][task]["main_metric"]
+            with_tp = [score(runs["1_7"][s], task, dim) for s in paired]
+            without = [score(runs["none"][s], task, dim) for s in paired]
+            better = sum(a > b for a, b in zip(with_tp, without))
+            differences = [a - b for a, b in zip(with_tp, without)]
+            print(f"| {task} ({metric}) | {spread(with_tp)} | {spread(without)} | {spread(differences)} "
+                  f"| {better}/{len(paired)} |")
 
 
 if __name__ == "__main__":
