@@ -512,7 +512,24 @@ class Summary:
             quantiles = values[f"{name}_scores"]
             shown = ", ".join(f"{q} {v:.3f}" for q, v in quantiles.items()) if quantiles else "none"
             lines.append(f"{name} scores: {shown}")
-        return lines
+        return lines + self.warnings()
+
+    def warnings(self) -> list[str]:
+        """A warning when a margin rule left most records short of negatives: typical of a model
+        whose cosines are bunched together (an untrained LM: every score near 0.9), where
+        "0.95 x the positive's score" is above almost every candidate."""
+        short = self.records - self.with_enough
+        margins = {rule: self.removed.get(rule, 0) for rule in ("relative_margin", "absolute_margin", "max_score")}
+        rule, removed = max(margins.items(), key=lambda item: item[1])
+        if not self.records or short * 2 <= self.records or not removed or removed < max(self.removed.values()):
+            return []
+        median = _quantiles(self.positive_histogram).get("p50")
+        median_text = f" (median positive score {median:.3f})" if median is not None else ""
+        return [
+            f"warning: {short} of {self.records} records got fewer negatives than asked; {rule} removed most "
+            f"candidates{median_text}. If this model's scores are bunched together (an untrained LM's are), mine "
+            "with a trained model, or loosen --relative-margin / --absolute-margin / --max-score and rely on the rank window"
+        ]
 
 
 def _quantiles(histogram: np.ndarray) -> dict[str, float]:

@@ -94,6 +94,23 @@ def test_random_sampling_is_seeded_and_stays_in_the_window():
     assert picks[0] == picks[1] and len(picks[0]) == 3 and set(picks[0]) <= {3, 4, 5, 6, 7, 8}
 
 
+def test_summary_warns_when_a_margin_left_most_records_short():
+    from tpembed.data.mining import Summary
+
+    bunched = Summary(records=10, with_enough=2, kept_with_fewer=8)
+    bunched.removed.update({"positive": 10, "relative_margin": 500})
+    bunched.add_scores([0.93] * 10, [])
+    warning = [line for line in bunched.lines() if line.startswith("warning")]
+    assert len(warning) == 1
+    assert "8 of 10 records" in warning[0] and "relative_margin" in warning[0] and "0.93" in warning[0]
+    healthy = Summary(records=10, with_enough=9, kept_with_fewer=1)  # most records got their negatives
+    healthy.removed.update({"relative_margin": 500})
+    assert healthy.warnings() == []
+    positives = Summary(records=10, with_enough=2, kept_with_fewer=8)  # short, but not because of a margin
+    positives.removed.update({"positive": 50, "relative_margin": 5})
+    assert positives.warnings() == []
+
+
 def test_fill_never_picks_a_positive_or_a_near_duplicate():
     from tpembed.data.mining import Choice
 
