@@ -528,7 +528,8 @@ class Summary:
         return [
             f"warning: {short} of {self.records} records got fewer negatives than asked; {rule} removed most "
             f"candidates{median_text}. If this model's scores are bunched together (an untrained LM's are), mine "
-            "with a trained model, or loosen --relative-margin / --absolute-margin / --max-score and rely on the rank window"
+            "with a trained model, or loosen --relative-margin / --absolute-margin / --max-score and rely on the "
+            "rank window"
         ]
 
 

@@ -302,9 +302,21 @@ def _map(function: Callable, jobs: list, workers: int):
         yield from map(function, jobs)
         return
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(function, jobs)
+    # An executor, not multiprocessing.Pool: a worker that dies (it cannot start, or is killed)
+    # breaks the executor with an error, where a Pool would start another and wait forever.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            yield from pool.map(function, jobs)
+        except BrokenProcessPool as error:
+            raise RuntimeError(
+                f"the {workers} worker processes that validate the data (data.num_proc) stopped before "
+                'finishing. If the script that starts training has no `if __name__ == "__main__":` guard, '
+                "each worker re-runs it and fails while starting (Python's spawn start method): add the "
+                "guard, or set data.num_proc to 1. Otherwise a worker was killed (memory?)."
+            ) from error
 
 
 def _finish_classification(staging: Path, path, meta: dict) -> None:

@@ -104,6 +104,24 @@ def test_errors_name_the_source_line_across_chunks(tmp_path, monkeypatch, num_pr
     assert report.placeholder_in_text == [f"{path}:47 (instruction)"]
 
 
+def test_workers_that_cannot_start_give_an_error_not_a_hang(tmp_path):
+    """A script without a __main__ guard: every spawned worker re-runs it and dies while starting.
+    multiprocessing.Pool would start new workers forever; the store must stop and say why."""
+    write_jsonl(tmp_path / "r.jsonl", [{"query": f"query {i}", "pos": [f"positive {i}"]} for i in range(100)])
+    (tmp_path / "unguarded.py").write_text(
+        "import tpembed.data.store as store\n"
+        "store.CHUNK_BYTES = 500\n"
+        "store.load_dataset('r.jsonl', 'retrieval', 'r', cache_dir='c', num_proc=2, progress=False)\n"
+    )
+    result = subprocess.run([sys.executable, "unguarded.py"], cwd=tmp_path, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: the 2 worker processes that validate the data (data.num_proc)"), last
+    assert "__main__" in last and "num_proc to 1" in last
+    assert not list((tmp_path / "c").glob("r-*")), "no cache is left by a failed build"
+
+
 def test_a_resumed_run_keeps_its_pinned_version(tmp_path):
     path = write_jsonl(tmp_path / "r.jsonl", [{"query": f"q{i}", "pos": ["p"]} for i in range(10)])
     first = load_dataset(path, "retrieval", "r", cache_dir=tmp_path / "c", progress=False)

@@ -122,8 +122,10 @@ def seeds(root: Path) -> None:
             without = [score(runs["none"][s], task, dim) for s in paired]
             better = sum(a > b for a, b in zip(with_tp, without))
             differences = [a - b for a, b in zip(with_tp, without)]
-            print(f"| {task} ({metric}) | {spread(with_tp)} | {spread(without)} | {spread(differences)} "
-                  f"| {better}/{len(paired)} |")
+            print(
+                f"| {task} ({metric}) | {spread(with_tp)} | {spread(without)} | {spread(differences)} "
+                f"| {better}/{len(paired)} |"
+            )
 
 
 if __name__ == "__main__":
