@@ -9,6 +9,9 @@ negatives of about 110 words each), written by the benchmark to local disk. At e
 - second start-up: the same with the cache in place;
 - resident memory of one rank after start-up (RSS and PSS, which counts shared pages once),
   and of two ranks started together by `accelerate launch --num_processes 2` (their PSS summed);
+  and of that, the anonymous memory (the process's own heap: what cannot be shared or dropped)
+  and the mapped-file pages (the Arrow files and libraries; clean page cache the kernel can
+  drop and shares among processes);
 - beside them, the same start-up with the in-memory reader (data/formats.py read_dataset, the
   path before the store) at the sizes given by --memory-sizes.
 Most of a process's memory is the training stack itself (torch, tokenizer: a few hundred MiB,
@@ -77,17 +80,20 @@ def main():
             shutil.rmtree(cache)
     print(f"retrieval records (12-word query, 1 + 4 passages of ~110 words), num_proc {args.num_proc}, CPU")
     print(f"{'records':>9} {'JSONL':>7} {'first s':>8} {'rec/s':>8} {'second s':>9} {'RSS MiB':>8} {'PSS MiB':>8} "
-          f"{'2 ranks PSS':>12} {'in-memory s':>12} {'in-memory RSS':>14}")  # fmt: skip
+          f"{'anon MiB':>9} {'file MiB':>9} {'2 ranks PSS':>12} {'in-memory s':>12} {'in-memory RSS':>14}")  # fmt: skip
     for size, gigabytes, first, second, two, memory in rows:
         pss_two = sum(r["pss"] for r in two)
         in_memory = f"{memory['seconds']:>12.1f} {memory['rss']:>14.0f}" if memory else f"{'-':>12} {'-':>14}"
         print(
             f"{size:>9} {gigabytes:>6.2f}G {first['seconds']:>8.1f} {size / first['seconds']:>8.0f} "
-            f"{second['seconds']:>9.1f} {second['rss']:>8.0f} {second['pss']:>8.0f} {pss_two:>12.0f} {in_memory}"
+            f"{second['seconds']:>9.1f} {second['rss']:>8.0f} {second['pss']:>8.0f} {second['anonymous']:>9.0f} "
+            f"{second['pss_file']:>9.0f} {pss_two:>12.0f} {in_memory}"
         )
     small, large = rows[0], rows[-1]
     print(f"second start-up at {large[0]} records: {large[3]['seconds']:.1f} s (goal <= 30 s)")
     print(f"one rank's RSS, {large[0]} / {small[0]} records: {large[3]['rss'] / small[3]['rss']:.2f}x (goal <= 1.2x)")
+    anon = large[3]["anonymous"] / small[3]["anonymous"]
+    print(f"one rank's anonymous memory, {large[0]} / {small[0]} records: {anon:.2f}x")
     two_ranks = sum(r["pss"] for r in large[4])
     print(f"two ranks together / one rank (PSS) at {large[0]}: {two_ranks / large[3]['pss']:.2f}x (goal <= 1.3x)")
     print(

@@ -43,9 +43,11 @@ def main() -> None:
     memory = {}
     for line in open("/proc/self/smaps_rollup"):
         key, _, value = line.partition(":")
-        if key in ("Rss", "Pss"):
+        if key in ("Rss", "Pss", "Anonymous", "Pss_File"):  # Anonymous: private memory; Pss_File: mapped files
             memory[key.lower()] = int(value.split()[0]) / 1024
-    print(json.dumps({"seconds": seconds, **memory, "records": len(run.specs[0].data)}))
+    line = json.dumps({"seconds": seconds, **memory, "records": len(run.specs[0].data)}) + "\n"
+    sys.stdout.write(line)  # one write of a short line: the lines of two ranks do not interleave
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
