@@ -23,15 +23,14 @@ from tpembed.train.checkpoint import latest_checkpoint, load_trainer_state
 from tpembed.train.config import STAGE_DEFAULTS, load_config
 from tpembed.train.export import add_results_to_card
 
-# Data steps: (the file it writes, the tpembed module and its arguments); a step runs when its
-# file is missing. "{stage1}" in an after_stage1 step is the stage-1 run directory.
+# Data steps before stage 1: (the file it writes, the tpembed module and its arguments); a step
+# runs when its file is missing.
 RECIPES = {
     "quickstart": {
         "stage1": "configs/quickstart/stage1.yaml",
         "stage2": "configs/quickstart/stage2.yaml",
         "tasks": [],
         "prepare": [],
-        "after_stage1": [],
         "output_dir": "runs/quickstart",
     },
     "smollm2": {
@@ -61,7 +60,6 @@ RECIPES = {
                 ],
             ),
         ],  # fmt: skip
-        "after_stage1": [],
         "output_dir": "runs/smollm2",
     },
 }
@@ -76,11 +74,11 @@ def run(command: list[str], description: str) -> float:
     return seconds
 
 
-def data_steps(steps: list, values: dict) -> None:
-    """Run each step whose file is missing (`{name}` in its arguments filled from `values`)."""
+def data_steps(steps: list) -> None:
+    """Run each step whose file is missing."""
     for creates, (module, *arguments) in steps:
-        if not Path(creates.format(**values)).exists():
-            run([sys.executable, "-m", module, *(a.format(**values) for a in arguments)], f"prepare {creates}")
+        if not Path(creates).exists():
+            run([sys.executable, "-m", module, *arguments], f"prepare {creates}")
 
 
 def train_stage(script: str, config_path: str, stage: int, launcher: list[str], extra: list[str]) -> tuple[str, float]:
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", help="where the export and the evaluation go")
     parser.add_argument("--launch-config", help="accelerate config file for the training steps")
     args = parser.parse_args(argv)
-    recipe = dict(RECIPES[args.recipe]) if args.recipe else {"prepare": [], "after_stage1": []}
+    recipe = dict(RECIPES[args.recipe]) if args.recipe else {"prepare": []}
     for key in ("stage1", "stage2", "output_dir"):
         if getattr(args, key):
             recipe[key] = getattr(args, key)
@@ -118,9 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     launcher += ["--config_file", args.launch_config] if args.launch_config else ["--num_processes", "1"]
     output_dir = Path(recipe["output_dir"])
     timings = {}
-    data_steps(recipe["prepare"], {})
+    data_steps(recipe["prepare"])
     stage1_dir, timings["stage1_s"] = train_stage("stage1", recipe["stage1"], 1, launcher, [])
-    data_steps(recipe["after_stage1"], {"stage1": stage1_dir})
     stage2_dir, timings["stage2_s"] = train_stage("stage2", recipe["stage2"], 2, launcher, ["--init-from", stage1_dir])
     export_dir = output_dir / "export"
     export = [sys.executable, "-m", "tpembed.train.export", stage2_dir, str(export_dir), "--overwrite"]

@@ -85,12 +85,14 @@ def compare(directories: list[Path]) -> None:
     print("| run | " + " | ".join(tasks) + " | mean |")
     print("|---|" + "---:|" * (len(tasks) + 1))
     for name, results in loaded:
-        values = [float(cell(results, t)) if cell(results, t) != "n/a" else float("nan") for t in tasks]
+        values = [score(results, t) for t in tasks]
         print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {sum(values) / len(values):.2f} |")
 
 
-def score(results: dict, task: str, dim: int | None = None) -> float:
-    return float(cell(results, task, dim))
+def score(results: dict | None, task: str, dim: int | None = None) -> float:
+    """The main metric as a number (NaN where the task was not evaluated)."""
+    value = cell(results, task, dim)
+    return float("nan") if value == "n/a" else float(value)
 
 
 def spread(values: list[float]) -> str:
