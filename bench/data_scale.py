@@ -96,6 +96,8 @@ def main():
     print(f"one rank's anonymous memory, {large[0]} / {small[0]} records: {anon:.2f}x")
     two_ranks = sum(r["pss"] for r in large[4])
     print(f"two ranks together / one rank (PSS) at {large[0]}: {two_ranks / large[3]['pss']:.2f}x (goal <= 1.3x)")
+    two_small = sum(r["pss"] for r in small[4])
+    print(f"two ranks together, {large[0]} / {small[0]} records: {two_ranks / two_small:.2f}x")
     print(
         f"memory beyond the smallest size's, one rank at {large[0]}: {large[3]['pss'] - small[3]['pss']:.0f} MiB; "
         f"two ranks: {two_ranks - sum(r['pss'] for r in small[4]):.0f} MiB"

@@ -57,7 +57,7 @@ class DataError(ValueError):
 
 
 class _Columns:
-    """Columns are lists, or columns of a memory-mapped Arrow table (data/store.py) that
+    """Columns are lists, or columns of the Arrow cache (data/store.py StoredColumn) that
     answer `column[i]` the same way; a cached dataset stores its distinct instructions."""
 
     distinct: set[str] | None = None
@@ -242,7 +242,7 @@ def read_dataset(
     required_negatives: int = 0,
 ):
     """Read and validate one dataset into memory: RetrievalData, PairData or ClassificationData.
-    (Training reads through data/store.py, which converts once to memory-mapped Arrow.)
+    (Training reads through data/store.py, which converts once to Arrow files.)
 
     `required_negatives` > 0 makes a retrieval record with fewer hard negatives an error
     (the `error` hard-negative fallback)."""

@@ -13,10 +13,12 @@ chunks, into Arrow IPC files in a cache directory:
 
 The fingerprint hashes every source file's path, size and modification time, the reading
 options and the cache format, so an edited file (or another tpembed cache format) is
-converted again and an unchanged one opens at once. Opening memory-maps the parts: the
-operating system keeps one copy of the pages in its cache for every process of a machine,
-and a record is read when the sampler asks for it. The main process of each machine builds
-the cache while the others wait (`main_process_first`), then every process opens it.
+converted again and an unchanged one opens at once. Opening maps each part only long enough
+to learn where its record batches' buffers lie; a record is then read (os.pread) when the
+sampler asks for it, through the operating system's page cache, which keeps one copy of the
+pages for every process of a machine and counts none of them in a process's resident memory
+(see StoredColumn). The main process of each machine builds the cache while the others wait
+(`main_process_first`), then every process opens it.
 """
 
 from __future__ import annotations
@@ -348,39 +350,175 @@ def _read_part(path: Path):
     return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
 
 
-class ArrowColumn:
-    """`column[i]` of a memory-mapped Arrow column, as a Python value."""
+class PartFiles:
+    """The part files of one cache, open for reading at any position (os.pread: no shared file
+    offset, so forked DataLoader workers can read through the same descriptors)."""
 
-    def __init__(self, chunked):
-        self.chunks = chunked.chunks
-        self.offsets = np.cumsum([0] + [len(c) for c in self.chunks]).tolist()
+    def __init__(self, paths: list[Path]):
+        self.paths = [str(p) for p in paths]
+        self._open()
+
+    def _open(self) -> None:
+        self.fds = [os.open(p, os.O_RDONLY) for p in self.paths]
+        for fd in self.fds:  # records are fetched at random: reading ahead would only fill the cache
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+    def read(self, part: int, position: int, size: int) -> bytes:
+        pieces = []
+        while size > 0:
+            piece = os.pread(self.fds[part], size, position)
+            if not piece:
+                raise OSError(f"{self.paths[part]}: ends before byte {position + size} (a damaged cache?)")
+            pieces.append(piece)
+            position, size = position + len(piece), size - len(piece)
+        return b"".join(pieces)
+
+    def __getstate__(self):
+        return {"paths": self.paths}
+
+    def __setstate__(self, state):
+        self.paths = state["paths"]
+        self._open()
+
+    def __del__(self):
+        for fd in getattr(self, "fds", []):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """Where one record batch's values of one column lie in its part file (byte positions;
+    None: the buffer is absent). Lists of strings have a second level of offsets."""
+
+    part: int
+    validity: int | None  # null bitmap, only when the batch has nulls
+    offset: int  # the array's own offset, in values
+    offsets: int | None  # int32 offsets (strings and lists), or the values of a numeric column
+    data: int | None  # string bytes
+    child_offset: int = 0
+    child_offsets: int | None = None
+
+
+class StoredColumn:
+    """`column[i]` of a column of the cache's Arrow files, as a Python value.
+
+    The files are memory-mapped only while opening, to learn where each record batch's buffers
+    lie; a value is then copied out of the page cache with os.pread. Every process of a machine
+    still reads the one copy in the page cache, but none maps the files: a page fault on a
+    mapping maps the whole page-cache folio around it (up to 2 MiB on current kernels), so a
+    batch of 256 random records fetched through a memory map left about 500 MiB of file pages
+    in each rank's resident memory."""
+
+    def __init__(self, files: PartFiles, kind: str, slices: list[_Slice], lengths: list[int]):
+        self.files, self.kind, self.slices = files, kind, slices
+        self.starts = np.cumsum([0] + lengths).tolist()
 
     def __len__(self) -> int:
-        return self.offsets[-1]
+        return self.starts[-1]
 
     def __getitem__(self, index: int):
-        position = bisect.bisect_right(self.offsets, index) - 1
-        return self.chunks[position][index - self.offsets[position]].as_py()
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a column of {len(self)} values")
+        batch = bisect.bisect_right(self.starts, index) - 1
+        where, row = self.slices[batch], index - self.starts[batch]
+        read = self.files.read
+        if where.validity is not None:
+            bits = read(where.part, where.validity + (where.offset + row) // 8, 1)[0]
+            if not bits >> ((where.offset + row) % 8) & 1:
+                return None
+        if self.kind in ("float64", "int32"):
+            dtype = np.dtype(self.kind)
+            raw = read(where.part, where.offsets + (where.offset + row) * dtype.itemsize, dtype.itemsize)
+            return np.frombuffer(raw, dtype)[0].item()
+        first, last = np.frombuffer(read(where.part, where.offsets + (where.offset + row) * 4, 8), np.int32)
+        if self.kind == "string":
+            return read(where.part, where.data + int(first), int(last - first)).decode() if last > first else ""
+        count = int(last - first)  # a list of strings: its strings' offsets, then their bytes
+        if count == 0:
+            return []
+        position = where.child_offsets + (where.child_offset + int(first)) * 4
+        bounds = np.frombuffer(read(where.part, position, 4 * (count + 1)), np.int32).tolist()
+        raw = read(where.part, where.data + bounds[0], bounds[-1] - bounds[0]) if bounds[-1] > bounds[0] else b""
+        return [raw[a - bounds[0] : b - bounds[0]].decode() for a, b in zip(bounds, bounds[1:])]
 
-    def __iter__(self):
-        for chunk in self.chunks:
-            yield from chunk.to_pylist()
+    def numpy(self) -> np.ndarray:
+        """A numeric column whole (labels, scores: a few bytes per record)."""
+        dtype = np.dtype(self.kind)
+        pieces = []
+        for where, start, stop in zip(self.slices, self.starts, self.starts[1:]):
+            raw = self.files.read(where.part, where.offsets + where.offset * dtype.itemsize, (stop - start) * dtype.itemsize)
+            pieces.append(np.frombuffer(raw, dtype))
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+
+
+def _layout(path: Path, part: int, names: list[str]) -> tuple[dict[str, tuple[str, list[_Slice]]], list[int]]:
+    """Each column's kind and per-batch byte positions in one part file, and the batches' lengths."""
+    import mmap
+
+    import pyarrow as pa
+
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        # closing the mapping raises if an Arrow buffer still pointed into it
+        return _positions(pa.py_buffer(mapped), part, names)
+
+
+def _positions(whole, part: int, names: list[str]):
+    import pyarrow as pa
+
+    base = whole.address
+
+    def at(buffer) -> int | None:
+        return None if buffer is None else buffer.address - base
+
+    reader = pa.ipc.open_file(pa.BufferReader(whole))
+    layout: dict[str, tuple[str, list[_Slice]]] = {}
+    lengths = []
+    for b in range(reader.num_record_batches):
+        batch = reader.get_batch(b)
+        lengths.append(batch.num_rows)
+        for name in names:
+            array = batch.column(name)
+            buffers = array.buffers()
+            validity = at(buffers[0]) if array.null_count else None
+            if pa.types.is_list(array.type):
+                child = array.values
+                kind, where = "list", _Slice(part, validity, array.offset, at(buffers[1]), at(child.buffers()[2]),
+                                             child.offset, at(child.buffers()[1]))  # fmt: skip
+            elif pa.types.is_string(array.type):
+                kind, where = "string", _Slice(part, validity, array.offset, at(buffers[1]), at(buffers[2]))
+            else:
+                kind = str(np.dtype(array.type.to_pandas_dtype()))
+                where = _Slice(part, validity, array.offset, at(buffers[1]), None)
+            layout.setdefault(name, (kind, []))[1].append(where)
+    return layout, lengths
 
 
 def open_cache(directory: Path, name: str):
-    """The dataset of a complete cache directory, its columns memory-mapped."""
-    import pyarrow as pa
-
+    """The dataset of a complete cache directory; its columns read records on demand."""
     meta = json.loads((directory / "meta.json").read_text())
-    table = pa.concat_tables([_read_part(p) for p in sorted(directory.glob("part-*.arrow"))])
     task = Task(meta["task"])
-    columns = {name: ArrowColumn(table[name]) for name in COLUMNS[task]}
+    names = list(COLUMNS[task])
+    paths = sorted(directory.glob("part-*.arrow"))
+    files = PartFiles(paths)
+    kinds: dict[str, str] = {}
+    slices: dict[str, list[_Slice]] = {n: [] for n in names}
+    lengths: list[int] = []
+    for part, path in enumerate(paths):
+        layout, batch_lengths = _layout(path, part, names)
+        lengths += batch_lengths
+        for column, (kind, where) in layout.items():
+            kinds[column] = kind
+            slices[column] += where
+    columns = {n: StoredColumn(files, kinds.get(n, "string"), slices[n], lengths) for n in names}
     if task is Task.retrieval:
         data = RetrievalData(name, columns["query"], columns["pos"], columns["negs"], columns["instruction"])
     elif task is Task.sts:
         data = PairData(name, columns["text1"], columns["text2"], columns["score"], columns["instruction"])
     else:
-        labels = table["label"].to_numpy()
+        labels = columns["label"].numpy()
         data = ClassificationData(name, columns["text"], labels, meta["label_names"], columns["instruction"])
     data.distinct = set(meta["instructions"])
     data.cache_path = directory

@@ -152,3 +152,26 @@ def test_labels_are_memory_friendly_ids(tmp_path):
     data = load_dataset(SAMPLES / "cmrc2018_questions_zh.jsonl", "classification", "c", cache_dir=tmp_path,
                         progress=False)  # fmt: skip
     assert isinstance(data.labels, np.ndarray) and data.labels.dtype == np.int32
+
+
+@pytest.mark.parametrize("task", ["retrieval", "sts"])
+def test_records_are_read_from_many_batches_without_mapping_the_files(tmp_path, monkeypatch, task):
+    monkeypatch.setattr(store, "CHUNK_BYTES", 300)  # several part files
+    monkeypatch.setattr(store, "BATCH_ROWS", 3)  # several record batches in each
+    if task == "retrieval":
+        rows = [{"query": f"q{i} é", "pos": [f"p{i}", "" if i % 4 else f"second {i}"][: 1 + i % 2],
+                 "negs": [f"n{i}.{k} 中文" for k in range(i % 3)], **({"instruction": f"ins {i % 2}"} if i % 5 else {})}
+                for i in range(40)]  # fmt: skip
+    else:
+        rows = [{"text1": f"a{i}", "text2": f"b{i}", "score": i / 8, **({"instruction": "x"} if i % 3 else {})}
+                for i in range(40)]  # fmt: skip
+    path = write_jsonl(tmp_path / "r.jsonl", rows)
+    options = {"allow_empty_text": True, "score_range": (0.0, 5.0) if task == "sts" else None}
+    data = load_dataset(path, task, "r", cache_dir=tmp_path / "c", progress=False, **options)
+    assert len(list(data.cache_path.glob("part-*.arrow"))) > 2
+    same(data, read_dataset(path, task, "r", **options))
+    assert data.instructions[0] is None
+    with pytest.raises(IndexError):
+        data.instructions[len(data.instructions)]
+    maps = open("/proc/self/maps").read()
+    assert str(data.cache_path) not in maps, "values are copied out with pread; no part file stays mapped"

@@ -153,7 +153,7 @@ class DataConfig:
     allow_empty_text: bool = _help("render empty queries/positives as 'Null' instead of failing", False)
     num_workers: NonNegative = _help("DataLoader worker processes that build and tokenise batches ahead", 0)
     cache_dir: str | None = _help(
-        "where datasets are converted to memory-mapped Arrow, once per version (default $TPEMBED_CACHE/datasets, "
+        "where datasets are converted to Arrow files, once per version (default $TPEMBED_CACHE/datasets, "
         "else ~/.cache/tpembed/datasets; a local disk of each machine)",
         None,
     )
