@@ -12,6 +12,7 @@
 #
 #   bench/gpu_suite.sh             on the GPU machine (the device tool: OUT is set there)
 #   bench/gpu_suite.sh --dry-run   here, on the CPU, at toy sizes: checks every part runs
+#   PARTS="vs_st pytest_gpu" bench/gpu_suite.sh   only those parts (a rerun after a fix)
 #
 # Packages the GPU image lacks travel as wheels in .whl/ (bench/gpu_wheels.sh fetches them);
 # tpembed itself is imported from this checkout (its folders linked as the tpembed namespace).
@@ -31,8 +32,10 @@ if ! $PY -c "import tpembed.train" 2>/dev/null; then  # the checkout's folders a
   export PYTHONPATH=/tmp/tpembed-src${PYTHONPATH:+:$PYTHONPATH}
 fi
 failed=()
+PARTS=" ${PARTS:-throughput vs_st deepspeed pytest_gpu} "
 part() {  # part NAME COMMAND...: run, print, keep the output; a failing part does not stop the others
   local name=$1; shift
+  [[ "$PARTS" == *" $name "* ]] || return 0
   echo "=== $name: $*" | tee "$OUT/$name.txt"
   "$@" 2>&1 | tee -a "$OUT/$name.txt"
   local status=${PIPESTATUS[0]}

@@ -1,5 +1,7 @@
 """Token Prepending through hooks == a hand-written layer loop that does the copy itself."""
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -53,8 +55,11 @@ def padded_batch(padding_side):
 def reference_forward(model, inputs_embeds, mask, placeholder, last, layers):
     """The decoder run layer by layer, with the Token Prepending copy written out."""
     position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+    # transformers renamed the cache argument (past_key_values before 5.2x, cache after)
+    cache_name = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
     causal = create_causal_mask(
-        config=model.config, inputs_embeds=inputs_embeds, attention_mask=mask, cache=None, position_ids=position_ids
+        config=model.config, inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
+        **{cache_name: None},
     )
     hidden = inputs_embeds
     position_embeddings = model.rotary_emb(hidden, position_ids)
