@@ -7,8 +7,8 @@ The work directory holds everything a resumed run needs:
     WORK/
       manifest.json          model identity, data hash, dim, dtype, shard size: a run whose
                              manifest differs starts the shards afresh
-      queries.jsonl  queries.offsets.npy   the query texts (with their instructions)
-      corpus.jsonl   corpus.offsets.npy    the deduplicated corpus texts
+      queries.json  queries.offsets.npy    the query texts with their instructions (JSON)
+      corpus.txt    corpus.offsets.npy     the deduplicated corpus texts (UTF-8, no separators)
       corpus.keys.npy        a hash of each corpus text, normalised (near-duplicate check)
       positives.npy  positives.offsets.npy each record's positives as corpus indices
       shards/queries-00000.npy ...  shards/corpus-00000.npy ...
@@ -92,32 +92,49 @@ def text_key(text: str) -> int:
 
 
 class TextStore:
-    """Texts in a JSONL file with an offset index, read back by position (memory: 8 bytes a text)."""
+    """Values in one file, read back by position: texts as UTF-8 bytes (queries: JSON), an offset
+    index beside them (memory: 8 bytes a value). A slice is one read, not one per value."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path, self.decode = path, _DECODERS[path.suffix]
         self.offsets = np.load(path.with_suffix(".offsets.npy"), mmap_mode="r")
         self._handle = path.open("rb")
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return len(self.offsets) - 1
 
     def __getitem__(self, index: int):
-        self._handle.seek(int(self.offsets[index]))
-        return json.loads(self._handle.readline())
+        return self.slice(index, index + 1)[0]
 
     def slice(self, start: int, stop: int) -> list:
-        return [self[i] for i in range(start, min(stop, len(self)))]
+        stop = min(stop, len(self))
+        if start >= stop:
+            return []
+        bounds = np.asarray(self.offsets[start : stop + 1]) - int(self.offsets[start])
+        self._handle.seek(int(self.offsets[start]))
+        raw = self._handle.read(int(bounds[-1]))
+        edges = bounds.tolist()
+        return [self.decode(raw[a:b]) for a, b in zip(edges, edges[1:])]
+
+
+_DECODERS = {".txt": lambda raw: raw.decode("utf-8"), ".json": json.loads}
+
+
+def store_path(work: Path, kind: str) -> Path:
+    """The corpus holds texts; the queries [text, instruction] pairs."""
+    return work / ("corpus.txt" if kind == "corpus" else "queries.json")
 
 
 class _StoreWriter:
     def __init__(self, path: Path):
-        self.path, self.offsets = path, array("q")
+        self.path, self.offsets = path, array("q", [0])
+        self.encode = (lambda v: v.encode("utf-8")) if path.suffix == ".txt" else (lambda v: json.dumps(v).encode())
         self._handle = path.open("wb")
 
     def add(self, value) -> None:
-        self.offsets.append(self._handle.tell())
-        self._handle.write(json.dumps(value, ensure_ascii=False).encode("utf-8") + b"\n")
+        raw = self.encode(value)
+        self._handle.write(raw)
+        self.offsets.append(self.offsets[-1] + len(raw))
 
     def close(self) -> None:
         self._handle.close()
@@ -173,7 +190,7 @@ def prepare(records_path: str | Path, corpus_path: str | Path | None, work: Path
     as corpus indices, normalised keys. Errors name file, line and field."""
     work.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    corpus = _StoreWriter(work / "corpus.jsonl")
+    corpus = _StoreWriter(store_path(work, "corpus"))
     index: dict[int, int] = {}
     keys = array("q")
 
@@ -197,7 +214,7 @@ def prepare(records_path: str | Path, corpus_path: str | Path | None, work: Path
                 add_to_corpus(text)
         if not index:
             raise DataError(str(corpus_path), None, "the corpus holds no text (--corpus)")
-    queries = _StoreWriter(work / "queries.jsonl")
+    queries = _StoreWriter(store_path(work, "queries"))
     positives, positive_offsets = array("q"), array("q", [0])
     records = max_positives = 0
     for location, record in iter_rows(records_path):
@@ -264,7 +281,7 @@ def encode_shards(
 ) -> int:
     """Embed this rank's missing shards (shard i belongs to rank i % world_size); returns how
     many it encoded. Each shard is written whole under a temporary name, then renamed."""
-    store = TextStore(work / f"{kind}.jsonl")
+    store = TextStore(store_path(work, kind))
     mine = [s for s in range(num_shards(len(store), shard_size)) if s % world_size == rank]
     todo = [s for s in mine if not shard_path(work, kind, s).is_file()]
     for shard in tqdm(todo, desc=f"encoding {kind} shards", disable=not progress, unit="shard"):
@@ -489,9 +506,11 @@ class Summary:
     negative_histogram: np.ndarray = field(default_factory=lambda: np.zeros(400, dtype=np.int64))
 
     def add_scores(self, positives: list[float], negatives: list[float]) -> None:
+        bins = len(self.positive_histogram)
         for values, histogram in ((positives, self.positive_histogram), (negatives, self.negative_histogram)):
-            finite = [v for v in values if v == v]
-            histogram += np.histogram(finite, bins=400, range=(-1.0, 1.0))[0]
+            for value in values:  # bins of width 2/bins over [-1, 1], the last one closed
+                if -1.0 <= value <= 1.0:  # (NaN compares false)
+                    histogram[min(int((value + 1.0) * bins / 2), bins - 1)] += 1
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -606,7 +625,7 @@ def mine(
     if rank != 0:
         return None
     summary = Summary()
-    corpus_texts = TextStore(work / "corpus.jsonl")
+    corpus_texts = TextStore(store_path(work, "corpus"))
     with jsonl_output(output, overwrite=overwrite) as writer:
         for record, choice in _choices(records_path, work, prepared, settings, shard_size, query_block, use_faiss,
                                        summary, progress):  # fmt: skip
@@ -640,7 +659,10 @@ def _choices(records_path, work: Path, prepared: Prepared, settings: MiningSetti
         block = queries.block(start, stop)  # (B, dim)
         scores, indices = index.top_k(block, k) if index else exact_top_k(block, corpus, k)
         positive_ids = [positives[offsets[r] : offsets[r + 1]] for r in range(start, stop)]
-        positive_scores = [corpus.rows(ids) @ block[r - start] for r, ids in zip(range(start, stop), positive_ids)]
+        embedded = corpus.rows(positives[offsets[start] : offsets[stop]])  # the block's positives, one read
+        first = offsets[start]
+        positive_scores = [embedded[offsets[r] - first : offsets[r + 1] - first] @ block[r - start]
+                           for r in range(start, stop)]  # fmt: skip
         record_ids = list(range(start, stop))
         choices = choose(scores, indices, positive_scores, positive_ids, keys, settings, record_ids, summary.removed)
         for record_id, choice, ids in zip(record_ids, choices, positive_ids):

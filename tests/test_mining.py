@@ -14,6 +14,7 @@ from tpembed.data import DataError
 from tpembed.data.io import OutputExistsError
 from tpembed.data.mining import (
     MiningSettings,
+    Summary,
     ShardedEmbeddings,
     choose,
     exact_top_k,
@@ -95,8 +96,6 @@ def test_random_sampling_is_seeded_and_stays_in_the_window():
 
 
 def test_summary_warns_when_a_margin_left_most_records_short():
-    from tpembed.data.mining import Summary
-
     bunched = Summary(records=10, with_enough=2, kept_with_fewer=8)
     bunched.removed.update({"positive": 10, "relative_margin": 500})
     bunched.add_scores([0.93] * 10, [])
@@ -263,3 +262,13 @@ def test_a_model_that_cannot_be_loaded(tmp_path):
     result = run_cli(str(records), str(tmp_path / "o.jsonl"), "--model", str(tmp_path / "nothing"))
     assert result.returncode == 1 and "--model" in result.stderr and "cannot be loaded" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_summary_histograms_bin_as_numpy_does():
+    rng = np.random.default_rng(3)
+    values = [*rng.uniform(-1.2, 1.2, 500).tolist(), -1.0, 0.0, 1.0, float("nan")]
+    summary = Summary()
+    summary.add_scores(values, values[:100])
+    finite = [v for v in values if v == v]
+    assert (summary.positive_histogram == np.histogram(finite, bins=400, range=(-1.0, 1.0))[0]).all()
+    assert (summary.negative_histogram == np.histogram(finite[:100], bins=400, range=(-1.0, 1.0))[0]).all()
