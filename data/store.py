@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -52,6 +53,7 @@ FORMAT = 1  # bump when the files' layout or meaning changes: older caches are r
 CHUNK_BYTES = 64 << 20  # a worker's share of a JSONL file
 BATCH_ROWS = 8192  # rows per Arrow record batch
 MAX_LOCATIONS = 100  # placeholder locations kept in the report
+MAX_OPEN_PARTS = 64  # part files a process keeps open for reading
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -351,22 +353,32 @@ def _read_part(path: Path):
 
 
 class PartFiles:
-    """The part files of one cache, open for reading at any position (os.pread: no shared file
-    offset, so forked DataLoader workers can read through the same descriptors)."""
+    """The part files of one cache, read at any position (os.pread: no shared file offset, so
+    forked DataLoader workers can read through the same descriptors). At most MAX_OPEN_PARTS
+    stay open, the least recently read closed first: a dataset of millions of records has
+    hundreds of parts, and a process only so many descriptors."""
 
     def __init__(self, paths: list[Path]):
         self.paths = [str(p) for p in paths]
-        self._open()
+        self.open: OrderedDict[int, int] = OrderedDict()
 
-    def _open(self) -> None:
-        self.fds = [os.open(p, os.O_RDONLY) for p in self.paths]
-        for fd in self.fds:  # records are fetched at random: reading ahead would only fill the cache
+    def _fd(self, part: int) -> int:
+        fd = self.open.get(part)
+        if fd is not None:
+            self.open.move_to_end(part)
+            return fd
+        fd = os.open(self.paths[part], os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # records are fetched at random: reading ahead would only fill the cache
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self.open[part] = fd
+        while len(self.open) > MAX_OPEN_PARTS:
+            os.close(self.open.popitem(last=False)[1])
+        return fd
 
     def read(self, part: int, position: int, size: int) -> bytes:
-        pieces = []
+        pieces, fd = [], self._fd(part)
         while size > 0:
-            piece = os.pread(self.fds[part], size, position)
+            piece = os.pread(fd, size, position)
             if not piece:
                 raise OSError(f"{self.paths[part]}: ends before byte {position + size} (a damaged cache?)")
             pieces.append(piece)
@@ -377,11 +389,10 @@ class PartFiles:
         return {"paths": self.paths}
 
     def __setstate__(self, state):
-        self.paths = state["paths"]
-        self._open()
+        self.__init__(state["paths"])
 
     def __del__(self):
-        for fd in getattr(self, "fds", []):
+        for fd in getattr(self, "open", {}).values():
             try:
                 os.close(fd)
             except OSError:

@@ -2,6 +2,7 @@
 at once afterwards, file:line errors across parallel chunks, pinned versions, shared by ranks."""
 
 import json
+import pickle
 import subprocess
 import sys
 
@@ -158,6 +159,7 @@ def test_labels_are_memory_friendly_ids(tmp_path):
 def test_records_are_read_from_many_batches_without_mapping_the_files(tmp_path, monkeypatch, task):
     monkeypatch.setattr(store, "CHUNK_BYTES", 300)  # several part files
     monkeypatch.setattr(store, "BATCH_ROWS", 3)  # several record batches in each
+    monkeypatch.setattr(store, "MAX_OPEN_PARTS", 2)  # parts are closed and opened again while reading
     if task == "retrieval":
         rows = [{"query": f"q{i} é", "pos": [f"p{i}", "" if i % 4 else f"second {i}"][: 1 + i % 2],
                  "negs": [f"n{i}.{k} 中文" for k in range(i % 3)], **({"instruction": f"ins {i % 2}"} if i % 5 else {})}
@@ -175,3 +177,5 @@ def test_records_are_read_from_many_batches_without_mapping_the_files(tmp_path, 
         data.instructions[len(data.instructions)]
     maps = open("/proc/self/maps").read()
     assert str(data.cache_path) not in maps, "values are copied out with pread; no part file stays mapped"
+    column = data.queries if task == "retrieval" else data.texts2
+    assert list(pickle.loads(pickle.dumps(column))) == list(column), "as a spawned DataLoader worker gets it"
