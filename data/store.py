@@ -460,7 +460,9 @@ class StoredColumn:
         dtype = np.dtype(self.kind)
         pieces = []
         for where, start, stop in zip(self.slices, self.starts, self.starts[1:]):
-            raw = self.files.read(where.part, where.offsets + where.offset * dtype.itemsize, (stop - start) * dtype.itemsize)
+            raw = self.files.read(
+                where.part, where.offsets + where.offset * dtype.itemsize, (stop - start) * dtype.itemsize
+            )
             pieces.append(np.frombuffer(raw, dtype))
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype)
 

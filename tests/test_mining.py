@@ -14,8 +14,8 @@ from tpembed.data import DataError
 from tpembed.data.io import OutputExistsError
 from tpembed.data.mining import (
     MiningSettings,
-    Summary,
     ShardedEmbeddings,
+    Summary,
     choose,
     exact_top_k,
     fill_randomly,

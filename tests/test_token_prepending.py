@@ -58,7 +58,10 @@ def reference_forward(model, inputs_embeds, mask, placeholder, last, layers):
     # transformers renamed the cache argument (past_key_values before 5.2x, cache after)
     cache_name = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
     causal = create_causal_mask(
-        config=model.config, inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
+        config=model.config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=mask,
+        position_ids=position_ids,
         **{cache_name: None},
     )
     hidden = inputs_embeds
