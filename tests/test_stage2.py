@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +153,18 @@ def test_classification_examples_follow_labels(qwen_tokenizer, tmp_path):
         assert positive[0] == anchor[0] and positive != anchor
         assert all(n[0] != anchor[0] for n in negatives)
         assert labels[row, 0] == batch.anchor_labels[row] and (labels[row, 1:] != batch.anchor_labels[row]).all()
+
+
+def test_the_start_up_log_leaves_out_the_model_name_a_checkpoint_overrides():
+    from types import SimpleNamespace
+
+    from tpembed.data import ReadReport
+
+    stage1 = load_config(["--name-or-path", "gguf:some/model.gguf", "--learning-rate", "5e-5"])
+    config = load_config(["--stage", "2", "--learning-rate", "3e-5"])
+    run = SimpleNamespace(text=SimpleNamespace(text_format=SimpleNamespace(placeholder="<p>")), tp_layers=(1, 2),
+                          init_config=stage1, model_dir=Path("/runs/s1/checkpoints/step-1/model"), specs=[],
+                          sampler=SimpleNamespace(probabilities=[]), report=ReadReport())  # fmt: skip
+    lines = build.describe(run, config)
+    assert "  optim.learning_rate: 5e-05 -> 3e-05" in lines
+    assert not any("name_or_path" in line for line in lines), lines

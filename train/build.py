@@ -110,7 +110,8 @@ def describe(run: RunSetup, config: Config) -> list[str]:
     if run.init_config is not None:
         lines.append(f"starts from the stage-1 checkpoint {run.model_dir.parent}")
         before, after = flatten(to_dict(run.init_config)), flatten(to_dict(config))
-        changed = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
+        # the weights (and the model they are) come from init_from, whatever name_or_path says
+        changed = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v and k != "model.name_or_path"}
         lines.append(f"config values that differ from the stage-1 run ({len(changed)}):")
         lines += [f"  {key}: {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items())]
     for spec, probability in zip(run.specs, run.sampler.probabilities):
