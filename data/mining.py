@@ -96,7 +96,7 @@ class TextStore:
     index beside them (memory: 8 bytes a value). A slice is one read, not one per value."""
 
     def __init__(self, path: Path):
-        self.path, self.decode = path, _DECODERS[path.suffix]
+        self.path, self.decode = path, _CODECS[path.suffix][1]
         self.offsets = np.load(path.with_suffix(".offsets.npy"), mmap_mode="r")
         self._handle = path.open("rb")
 
@@ -117,7 +117,11 @@ class TextStore:
         return [self.decode(raw[a:b]) for a, b in zip(edges, edges[1:])]
 
 
-_DECODERS = {".txt": lambda raw: raw.decode("utf-8"), ".json": json.loads}
+# how a store's values become bytes and back, by the store file's suffix (see store_path)
+_CODECS = {
+    ".txt": (lambda text: text.encode("utf-8"), lambda raw: raw.decode("utf-8")),
+    ".json": (lambda value: json.dumps(value).encode("utf-8"), json.loads),
+}
 
 
 def store_path(work: Path, kind: str) -> Path:
@@ -127,8 +131,7 @@ def store_path(work: Path, kind: str) -> Path:
 
 class _StoreWriter:
     def __init__(self, path: Path):
-        self.path, self.offsets = path, array("q", [0])
-        self.encode = (lambda v: v.encode("utf-8")) if path.suffix == ".txt" else (lambda v: json.dumps(v).encode())
+        self.path, self.offsets, self.encode = path, array("q", [0]), _CODECS[path.suffix][0]
         self._handle = path.open("wb")
 
     def add(self, value) -> None:
