@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import unicodedata
 from array import array
 from collections import Counter
@@ -80,15 +81,23 @@ class MiningSettings:
 _NOT_WORD = re.compile(r"[\W_]+")
 
 
+# ASCII bytes that normalize_text removes: everything but letters and digits
+_ASCII_NOT_ALNUM = bytes(b for b in range(128) if not chr(b).isalnum())
+
+
 def normalize_text(text: str) -> str:
     """Case, width, whitespace, punctuation and symbols folded away (NFKC, casefold, then only
     letters and digits kept, in any script): near-duplicates compare equal."""
+    if text.isascii():  # the same result without the Unicode passes: NFKC keeps ASCII, casefold is lower
+        return text.lower().encode("ascii").translate(None, _ASCII_NOT_ALNUM).decode("ascii")
     return _NOT_WORD.sub("", unicodedata.normalize("NFKC", text).casefold())
 
 
-def text_key(text: str) -> int:
-    """A 63-bit hash of a text (exact), or of its normalised form for near-duplicates."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+def text_key(text: str | bytes) -> int:
+    """A 63-bit hash of a text (exact), or of its normalised form for near-duplicates; bytes are
+    taken as the text's UTF-8."""
+    raw = text if isinstance(text, bytes) else text.encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 1
 
 
 class TextStore:
@@ -135,7 +144,10 @@ class _StoreWriter:
         self._handle = path.open("wb")
 
     def add(self, value) -> None:
-        raw = self.encode(value)
+        self.add_raw(self.encode(value))
+
+    def add_raw(self, raw: bytes) -> None:
+        """A value already encoded by this store's codec."""
         self._handle.write(raw)
         self.offsets.append(self.offsets[-1] + len(raw))
 
@@ -198,12 +210,14 @@ def prepare(records_path: str | Path, corpus_path: str | Path | None, work: Path
     keys = array("q")
 
     def add_to_corpus(text: str) -> int:
-        key = text_key(text)
+        raw = text.encode("utf-8")
+        key = text_key(raw)
         if key not in index:
             index[key] = len(index)
-            corpus.add(text)
+            corpus.add_raw(raw)
             keys.append(text_key(normalize_text(text)))
-            digest.update(b"c" + text.encode("utf-8"))
+            digest.update(b"c")
+            digest.update(raw)
         return index[key]
 
     if corpus_path is not None:
@@ -243,6 +257,72 @@ def prepare(records_path: str | Path, corpus_path: str | Path | None, work: Path
     np.save(work / "positives.npy", np.frombuffer(positives, dtype=np.int64))
     np.save(work / "positives.offsets.npy", np.frombuffer(positive_offsets, dtype=np.int64))
     return Prepared(records, records, len(index), max_positives, digest.hexdigest())
+
+
+class PreparationFailed(RuntimeError):
+    """The background preparation process died or failed with an unexpected error."""
+
+
+class BackgroundPrepare:
+    """prepare() in a forked process, started before the model is loaded, so that reading the
+    data overlaps loading the model (both take seconds, each on one core). `result()` waits for
+    it; leaving the `with` block stops a child that is still running (an error elsewhere).
+    Where fork is not the platform's safe default (only Linux is assumed), prepare() runs in
+    `result()` instead."""
+
+    def __init__(self, records_path, corpus_path, work: Path, default_instruction):
+        import multiprocessing
+
+        self._arguments = (records_path, corpus_path, work, default_instruction)
+        self._process = self._connection = None
+        if sys.platform.startswith("linux"):
+            context = multiprocessing.get_context("fork")
+            self._connection, child_end = context.Pipe(duplex=False)
+            self._process = context.Process(target=_prepare_child, args=(child_end, *self._arguments), daemon=True)
+            self._process.start()
+            child_end.close()
+
+    def __enter__(self) -> BackgroundPrepare:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.terminate()
+        if self._process is not None:
+            self._process.join()
+            self._connection.close()
+
+    def result(self) -> Prepared:
+        """The Prepared of the data, or the child's error raised here (a DataError keeps its
+        file, line and field)."""
+        if self._process is None:
+            return prepare(*self._arguments)
+        try:
+            kind, value = self._connection.recv()
+        except EOFError:
+            self._process.join()
+            raise PreparationFailed(
+                f"the data preparation process ended without a result (exit code {self._process.exitcode})"
+            ) from None
+        self._process.join()
+        if kind == "ok":
+            return value
+        if kind == "data":
+            raise DataError(*value)
+        raise ValueError(value) if kind == "value" else PreparationFailed(value)
+
+
+def _prepare_child(connection, *arguments) -> None:
+    try:
+        connection.send(("ok", prepare(*arguments)))
+    except DataError as error:
+        connection.send(("data", (error.location, error.field_name, error.problem)))
+    except ValueError as error:
+        connection.send(("value", str(error)))
+    except BaseException as error:  # noqa: BLE001 - any failure goes back to the parent, which raises it
+        connection.send(("error", f"{type(error).__name__}: {error}"))
+    finally:
+        connection.close()
 
 
 # ---- embeddings on disk ----------------------------------------------------------------------
@@ -596,11 +676,14 @@ def mine(
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
     progress: bool = True,
+    background: BackgroundPrepare | None = None,
 ) -> Summary | None:
     """Mine negatives for every record of `records_path` into `output` (written by rank 0,
     atomically, the records in input order). Every rank encodes its share of the shards; the
     work directory lets a killed run resume without encoding finished shards again. Returns the
-    summary on rank 0 (None elsewhere)."""
+    summary on rank 0 (None elsewhere). `background`: rank 0's preparation of these same
+    records, corpus and work directory, already started (tpembed-mine starts it before loading
+    the model)."""
     from tpembed.data.io import OutputExistsError, jsonl_output
 
     settings = settings or MiningSettings()
@@ -613,7 +696,10 @@ def mine(
     if dim > full_dim:
         raise ValueError(f"--dim {dim} is larger than the model's embedding size {full_dim}")
     if rank == 0:
-        prepared = prepare(records_path, corpus_path, work, default_instruction)
+        if background is not None:
+            prepared = background.result()
+        else:
+            prepared = prepare(records_path, corpus_path, work, default_instruction)
         (work / "prepared.json").write_text(json.dumps(asdict(prepared)) + "\n")
     barrier()
     prepared = Prepared(**json.loads((work / "prepared.json").read_text()))

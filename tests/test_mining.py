@@ -57,6 +57,25 @@ def test_normalised_keys_fold_case_width_and_punctuation():
     assert normalize_text("你好，世界。") == normalize_text("你好 世界") == "你好世界"
     assert normalize_text("ＡＢＣ。") == "abc"
     assert text_key(normalize_text("Hello, World")) == text_key(normalize_text("hello world"))
+    assert text_key("Hello") == text_key("Hello".encode("utf-8")) != text_key("hello")
+
+
+def test_ascii_texts_normalise_as_the_unicode_rule_says():
+    """ASCII text takes a shortcut; it must agree with NFKC + casefold + dropping non-word
+    characters (and the underscore) on every ASCII character."""
+    import random
+    import re
+    import unicodedata
+
+    def by_definition(text):
+        return re.sub(r"[\W_]+", "", unicodedata.normalize("NFKC", text).casefold())
+
+    rng = random.Random(0)
+    texts = ["".join(chr(rng.randrange(128)) for _ in range(rng.randrange(40))) for _ in range(3000)]
+    texts += [chr(code) * 2 + "Ab_9 z" for code in range(128)]
+    for text in texts:
+        assert normalize_text(text) == by_definition(text), repr(text)
+    assert normalize_text("Tab\tNew\nLine_under-score 42!") == "tabnewlineunderscore42"
 
 
 def selection_case():
@@ -224,6 +243,39 @@ def test_bad_input_names_file_line_and_option(small_records, tmp_path):
     (tmp_path / "exists.jsonl").write_text("")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         mine(small_records, tmp_path / "exists.jsonl", work=tmp_path / "w6", **options)
+
+
+def test_preparing_in_a_child_process_writes_what_preparing_here_writes(small_records, tmp_path):
+    from tpembed.data.mining import BackgroundPrepare, prepare
+
+    here = prepare(small_records, None, tmp_path / "here", "find it")
+    with BackgroundPrepare(small_records, None, tmp_path / "child", "find it") as background:
+        assert background.result() == here
+    files = sorted(p.name for p in (tmp_path / "here").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "child").iterdir()) and "corpus.txt" in files
+    for name in files:
+        assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "child" / name).read_bytes(), name
+
+
+def test_a_failed_or_killed_preparation_process_is_an_error_here(tmp_path):
+    import os
+
+    from tpembed.data.mining import BackgroundPrepare, PreparationFailed
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"query": "q", "pos": ["p"]}, {"query": "q2"}])
+    with BackgroundPrepare(bad, None, tmp_path / "w1", None) as background:
+        with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'pos'"):
+            background.result()
+    blocked = tmp_path / "fifo.jsonl"  # opening a FIFO with no writer blocks: the child waits there
+    os.mkfifo(blocked)
+    with BackgroundPrepare(blocked, None, tmp_path / "w2", None) as background:
+        background._process.kill()
+        with pytest.raises(PreparationFailed, match="ended without a result"):
+            background.result()
+    with BackgroundPrepare(blocked, None, tmp_path / "w3", None) as background:
+        child = background._process
+        assert child.is_alive()
+    assert not child.is_alive(), "leaving the block stops a child that is still running"
 
 
 def run_cli(*args, processes=1, timeout=600):

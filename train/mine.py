@@ -23,6 +23,7 @@ encoding and write the same output as one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from tpembed.data import DataError
 from tpembed.data.io import OutputExistsError
-from tpembed.data.mining import MiningSettings, mine
+from tpembed.data.mining import BackgroundPrepare, MiningSettings, PreparationFailed, mine
 from tpembed.modeling.token_prepending import parse_tp_layers
 from tpembed.train.config import DataConfig
 
@@ -101,6 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.model) == bool(args.base_model):
         parser.error("give either --model or --base-model")
+    output = Path(args.output)
+    work = Path(args.work_dir or output.with_name(output.name + ".mining"))
+    # rank 0 reads the data in a child process while this one loads the model
+    background = None
+    if int(os.environ.get("RANK", "0")) == 0 and (args.overwrite or not output.exists()):
+        background = BackgroundPrepare(args.records, args.corpus, work, args.instruction)
+    with background or contextlib.nullcontext():
+        return _run(args, output, work, background)
+
+
+def _run(args, output: Path, work: Path, background: BackgroundPrepare | None) -> int:
     import torch
     from accelerate import PartialState
 
@@ -124,17 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         absolute_margin=args.absolute_margin, max_score=args.max_score, num_negatives=args.num_negatives,
         sampling=args.sampling, too_few=args.too_few, seed=args.seed,
     )  # fmt: skip
-    output = Path(args.output)
     try:
         summary = mine(
             args.records, output, encode=encode, model_id=model_identity(args),
-            work=Path(args.work_dir or output.with_name(output.name + ".mining")), corpus_path=args.corpus,
+            work=work, corpus_path=args.corpus,
             settings=settings, dim=args.dim, dtype=args.dtype, shard_size=args.shard_size,
             query_block=args.query_block, use_faiss=args.faiss, default_instruction=args.instruction,
             overwrite=args.overwrite, rank=state.process_index, world_size=state.num_processes,
             barrier=state.wait_for_everyone, progress=not args.no_progress and state.is_main_process,
+            background=background,
         )  # fmt: skip
-    except (DataError, OutputExistsError, ValueError, ImportError) as error:
+    except (DataError, OutputExistsError, ValueError, ImportError, PreparationFailed) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if summary is not None:
