@@ -48,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backend", default="transformers", choices=("transformers", "vllm", "openai"))
     parser.add_argument("--model", default=SMOLLM2)
     parser.add_argument("--base-url", help="openai backend")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="requests per backend call")
+    parser.add_argument("--concurrency", type=int, default=8, help="openai backend: requests in flight")
     parser.add_argument("--max-tries", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -91,7 +92,9 @@ def load_backend(args: argparse.Namespace):
     if args.backend == "transformers":
         backend = make_backend("transformers", args.model, device="cpu", batch_size=args.batch_size)
     elif args.backend == "openai":
-        backend = make_backend("openai", args.model, base_url=args.base_url, batch_size=args.batch_size)
+        backend = make_backend(
+            "openai", args.model, base_url=args.base_url, batch_size=args.batch_size, concurrency=args.concurrency
+        )
     else:
         backend = make_backend("vllm", args.model, batch_size=args.batch_size)
     print(f"loaded {args.backend}:{args.model} in {time.perf_counter() - began:.1f} s", flush=True)
