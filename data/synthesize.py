@@ -104,6 +104,7 @@ import sqlite3
 import string
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1219,40 +1220,38 @@ class _Context:
     progress: Any
 
 
-def _run_jobs(jobs: list[Job], ctx: _Context) -> None:
-    """Ask for every item of `jobs` in rounds, one try per pending item per round, until each is
-    accepted or has had max_tries tries."""
-    pending = [(job, item) for job in jobs for item in job.items]
-    for attempt in range(ctx.settings.max_tries):
-        if not pending:
-            break
-        requests = [
-            Request(item.messages, item.max_tokens, _stable_int(ctx.settings.seed, job.index, item.slot, attempt))
-            for job, item in pending
-        ]
-        answers = ctx.generator.answers(requests)
-        still = []
-        for (job, item), answer in zip(pending, answers):
-            item.tries = attempt + 1
-            ctx.report.tries += 1
-            if answer.error is not None:
-                ctx.report.backend_errors += 1
-                item.rejection = f"backend: {answer.error}"
-            else:
-                item.answer, item.rejection = ctx.judge.accept(item, answer.text)
-            if item.answer is None:
-                still.append((job, item))
-            else:
-                ctx.report.items_accepted += 1
-                ctx.progress.update(1)
-        pending = still
-    for job, item in pending:
-        ctx.report.items_failed += 1
-        ctx.progress.update(1)
-        if len(ctx.report.failures) < MAX_FAILURE_EXAMPLES:
-            ctx.report.failures.append(
-                {"source": job.location, "slot": item.slot, "tries": item.tries, "last_rejection": item.rejection}
-            )
+def _run_round(pending: list[tuple[Job, Item]], ctx: _Context) -> list[tuple[Job, Item]]:
+    """One try for every pending item, judged in input order; the items still pending after it
+    (an item is done when accepted or after max_tries tries, then counted as failed). A try's
+    seed depends on the record, the item and the try's number only, so how records share rounds
+    changes no answer and a rerun finds every answer in the cache."""
+    requests = [
+        Request(item.messages, item.max_tokens, _stable_int(ctx.settings.seed, job.index, item.slot, item.tries))
+        for job, item in pending
+    ]
+    answers = ctx.generator.answers(requests)
+    still = []
+    for (job, item), answer in zip(pending, answers):
+        item.tries += 1
+        ctx.report.tries += 1
+        if answer.error is not None:
+            ctx.report.backend_errors += 1
+            item.rejection = f"backend: {answer.error}"
+        else:
+            item.answer, item.rejection = ctx.judge.accept(item, answer.text)
+        if item.answer is not None:
+            ctx.report.items_accepted += 1
+            ctx.progress.update(1)
+        elif item.tries < ctx.settings.max_tries:
+            still.append((job, item))
+        else:
+            ctx.report.items_failed += 1
+            ctx.progress.update(1)
+            if len(ctx.report.failures) < MAX_FAILURE_EXAMPLES:
+                ctx.report.failures.append(
+                    {"source": job.location, "slot": item.slot, "tries": item.tries, "last_rejection": item.rejection}
+                )
+    return still
 
 
 def _plan_jobs(input_path: str | Path, operation: Operation, report: RunReport | None) -> Iterator[Job]:
@@ -1388,40 +1387,62 @@ def _check_settings(s: Settings) -> None:
 
 
 def _write(input_path: str | Path, output_path: str | Path, overwrite: bool, ctx: _Context, progress: bool) -> None:
-    """The second pass: the input in chunks of records, each chunk's items generated in rounds and
-    its records written, into an output that appears only when the last chunk is done."""
+    """The second pass, in rounds over a rolling window of records: each round gives every pending
+    item one try; records whose items are all done leave the window, in input order, to be
+    written, and new records join it so that `chunk_size` records stay in flight. So every round
+    but the last few of the whole input is full (a chunk that waited for its slowest items would
+    send small batches for its last rounds, leaving a GPU idle). The output appears only when the
+    last record is written."""
     from tqdm import tqdm
 
     with tqdm(total=ctx.report.items, unit=" items", desc=ctx.operation.name, disable=not progress) as bar:
         ctx.progress = bar
         with jsonl_output(output_path, overwrite) as writer:
-            chunk: list[Job] = []
-            for job in _plan_jobs(input_path, ctx.operation, ctx.report):
-                ctx.report.records_read += 1
-                chunk.append(job)
-                if len(chunk) >= ctx.settings.chunk_size:
-                    _finish_chunk(chunk, ctx, writer)
-                    chunk = []
-            _finish_chunk(chunk, ctx, writer)
+            jobs = _plan_jobs(input_path, ctx.operation, ctx.report)
+            window: deque[Job] = deque()  # admitted and not yet written, in input order
+            pending: list[tuple[Job, Item]] = []
+            open_jobs: dict[int, int] = {}  # job index -> its items still pending
+            exhausted = False
+            while True:
+                while not exhausted and len(open_jobs) < ctx.settings.chunk_size:
+                    job = next(jobs, None)
+                    if job is None:
+                        exhausted = True
+                        break
+                    ctx.report.records_read += 1
+                    window.append(job)
+                    pending.extend((job, item) for item in job.items)
+                    if job.items:
+                        open_jobs[job.index] = len(job.items)
+                if pending:
+                    still = _run_round(pending, ctx)
+                    left = {id(item) for _, item in still}
+                    for job, item in pending:
+                        if id(item) not in left:
+                            open_jobs[job.index] -= 1
+                            if not open_jobs[job.index]:
+                                del open_jobs[job.index]
+                    pending = still
+                while window and window[0].index not in open_jobs:
+                    _write_job(window.popleft(), ctx, writer)
+                if exhausted and not window:
+                    break
             ctx.report.records_written = writer.report.written
 
 
-def _finish_chunk(jobs: list[Job], ctx: _Context, writer) -> None:
-    """Generate the chunk's items, then write its records in input order, each checked whole
-    against the evaluation data first."""
-    _run_jobs(jobs, ctx)
+def _write_job(job: Job, ctx: _Context, writer) -> None:
+    """Write the records made from a finished job, each checked whole against the evaluation data."""
     decontaminator = ctx.judge.decontaminator
-    for job in jobs:
-        for record in ctx.operation.finish(job, _provenance(job, ctx)):
-            if decontaminator is not None:
-                check = decontaminator.check_record(record, job.location)
-                if check.record is None:
-                    info = ctx.report.decontamination
-                    info["records_removed"] += 1
-                    if len(info["removed"]) < MAX_FAILURE_EXAMPLES:
-                        info["removed"].append(check.findings[0].report_line(job.location))
-                    continue
-            writer.write(record)
+    for record in ctx.operation.finish(job, _provenance(job, ctx)):
+        if decontaminator is not None:
+            check = decontaminator.check_record(record, job.location)
+            if check.record is None:
+                info = ctx.report.decontamination
+                info["records_removed"] += 1
+                if len(info["removed"]) < MAX_FAILURE_EXAMPLES:
+                    info["removed"].append(check.findings[0].report_line(job.location))
+                continue
+        writer.write(record)
 
 
 # ---- command line ----------------------------------------------------------------------
@@ -1484,7 +1505,12 @@ def _generation_options(group) -> None:
     group.add_argument("--temperature", type=float, default=d.temperature)
     group.add_argument("--top-p", type=float, default=d.top_p)
     group.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    group.add_argument("--chunk-size", type=int, default=d.chunk_size, help="records whose items share rounds")
+    group.add_argument(
+        "--chunk-size",
+        type=int,
+        default=d.chunk_size,
+        help="records in flight: each round tries their pending items; finished records make room for new ones",
+    )
     group.add_argument("--batch-size", type=int, help="requests per backend call (transformers 8, vllm 1024)")
     group.add_argument("--trust-remote-code", action="store_true")
     group.add_argument("--device", help="transformers: cpu, cuda, cuda:1 (default: cuda when available)")

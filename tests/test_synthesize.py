@@ -422,6 +422,63 @@ def test_a_killed_run_resumes_from_the_cache_without_asking_again(tmp_path):
     assert again.requests == [] and report.answers_cached == 8 and report.tokens_generated == 0
 
 
+class SeededBackend(Backend):
+    """A fake model whose answer depends only on the prompt's original text and the request's
+    seed (as a seeded sampler's does): half the tries return the original (rejected: too
+    similar), the others its words shuffled by the seed. Logs the originals of every call."""
+
+    name = "seeded"
+
+    def __init__(self, originals: list[str]):
+        self.originals, self.batch_size, self.model, self.calls = originals, 1000, "seeded-1", []
+
+    def generate(self, requests, sampling):
+        found = [max((o for o in self.originals if o in user_message(r)), key=len) for r in requests]
+        self.calls.append(found)
+        answers = []
+        for original, request in zip(found, requests):
+            rng = random.Random(f"{original}|{request.seed}")
+            words = original.rstrip(".").split()
+            if rng.random() < 0.5:
+                rng.shuffle(words)
+            answers.append(Answer(text_json(" ".join(words) + "."), 5))
+        return answers
+
+
+def test_records_join_the_rounds_as_others_finish_and_change_no_answer(tmp_path):
+    """The rolling window: every round has chunk_size records in it until the input runs out
+    (a chunk that waits for its slowest items sends ever smaller rounds), and how many records
+    share the rounds changes neither the records written nor their order."""
+    animals = "fox dog cat owl bee elk yak emu ant eel cod ram".split()
+    records = [
+        {"query": f"Where does the quick {a} number {i} sleep at night", "pos": [f"The {a} {i} sleeps in a den."]}
+        for i, a in enumerate(animals)
+    ]
+    originals = [text for r in records for text in (r["query"], *r["pos"])]
+    settings = lambda size: Settings(max_tries=4, chunk_size=size)  # noqa: E731
+    outputs, reports = [], []
+    for size in (1, 4, 100):
+        backend = SeededBackend(originals)
+        output, report, _ = run(
+            "rewrite", tmp_path, records, {}, name=f"w{size}.jsonl", backend=backend, settings=settings(size)
+        )
+        written = read_jsonl(output)
+        for record in written:  # the input file's name differs between the runs, its lines do not
+            record["synthesis"]["source"] = int(record["synthesis"]["source"].rsplit(":", 1)[1])
+        outputs.append(written)
+        reports.append((report.items_accepted, report.items_failed, report.tries, report.records_written))
+        if size == 4:
+            rounds = [{originals.index(text) // 2 for text in call} for call in backend.calls]
+            last_admitted = next(i for i, call in enumerate(rounds) if len(records) - 1 in call)
+            assert [len(call) for call in rounds[:last_admitted]] == [4] * last_admitted
+            assert last_admitted >= 3  # 12 records, 4 at a time, most accepted in a try or two
+    assert outputs[0] == outputs[1] == outputs[2] and reports[0] == reports[1] == reports[2]
+    accepted, failed, _, written = reports[0]
+    assert accepted > 12 and failed > 0 and written == len(outputs[0]) > 0  # the data exercise both paths
+    lines = [r["synthesis"]["source"] for r in outputs[0]]
+    assert lines == sorted(lines)
+
+
 # ---- backends ----------------------------------------------------------------------------
 
 
