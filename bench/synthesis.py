@@ -59,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--base-url", help="openai backend")
     parser.add_argument("--batch-size", type=int, default=8, help="requests per backend call")
     parser.add_argument("--concurrency", type=int, default=8, help="openai backend: requests in flight")
+    parser.add_argument("--json-mode", default="off", choices=("off", "object", "schema"), help="openai backend")
     parser.add_argument("--max-tries", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -102,7 +103,12 @@ def load_backend(args: argparse.Namespace):
         backend = make_backend("transformers", args.model, device="cpu", batch_size=args.batch_size)
     elif args.backend == "openai":
         backend = make_backend(
-            "openai", args.model, base_url=args.base_url, batch_size=args.batch_size, concurrency=args.concurrency
+            "openai",
+            args.model,
+            base_url=args.base_url,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            json_mode=args.json_mode,
         )
     else:
         backend = make_backend("vllm", args.model, batch_size=args.batch_size)

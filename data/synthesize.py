@@ -425,11 +425,13 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Request:
-    """One generation: chat messages ((role, content), ...), a token budget and a seed."""
+    """One generation: chat messages ((role, content), ...), a token budget, a seed, and the keys
+    of the JSON object that answers it (for backends that can constrain decoding to them)."""
 
     messages: tuple[tuple[str, str], ...]
     max_tokens: int
     seed: int
+    keys: tuple[str, ...] = ()
 
     def chat(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.messages]
@@ -619,6 +621,22 @@ class VllmBackend(Backend):
         return [Answer(output.outputs[0].text, len(output.outputs[0].token_ids)) for output in outputs]
 
 
+JSON_MODES = ("off", "object", "schema")
+
+
+def answer_schema(keys: Sequence[str]) -> dict:
+    """The OpenAI `response_format` that constrains decoding to one JSON object holding exactly
+    `keys`, each a string (structured outputs: vLLM, SGLang, llama.cpp's server, OpenAI). The
+    answer is still parsed and every constraint checked; only its form is guaranteed."""
+    schema = {
+        "type": "object",
+        "properties": {key: {"type": "string"} for key in keys},
+        "required": list(keys),
+        "additionalProperties": False,
+    }
+    return {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": schema}}
+
+
 class OpenAIBackend(Backend):
     """Any OpenAI-compatible /chat/completions server, over the standard library's urllib with
     `concurrency` requests in flight. The API key is read from the environment and never shown."""
@@ -636,7 +654,7 @@ class OpenAIBackend(Backend):
         retry_backoff: float = 1.0,
         concurrency: int = 8,
         batch_size: int | None = None,
-        json_mode: bool = False,
+        json_mode: str | bool = "off",
     ):
         base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
@@ -647,7 +665,10 @@ class OpenAIBackend(Backend):
         self.model, self.api_key_env = model, api_key_env
         self._api_key = os.environ.get(api_key_env) or None
         self.timeout, self.retries, self.retry_backoff = timeout, retries, retry_backoff
-        self.concurrency, self.json_mode = max(1, concurrency), json_mode
+        self.concurrency = max(1, concurrency)
+        self.json_mode = {False: "off", True: "object"}.get(json_mode, json_mode)
+        if self.json_mode not in JSON_MODES:
+            raise UsageError(f"--json-mode is one of {', '.join(JSON_MODES)}, got {json_mode!r}")
         self.batch_size = batch_size or 4 * self.concurrency
 
     def generate(self, requests: Sequence[Request], sampling: Sampling) -> list[Answer]:
@@ -663,8 +684,10 @@ class OpenAIBackend(Backend):
         """One request with retries on timeouts, 408, 429 and 5xx; fatal refusals raise BackendError."""
         body = {"model": self.model, "messages": request.chat(), "max_tokens": request.max_tokens}
         body.update(temperature=sampling.temperature, top_p=sampling.top_p, seed=request.seed, n=1)
-        if self.json_mode:
+        if self.json_mode == "object":
             body["response_format"] = {"type": "json_object"}
+        elif self.json_mode == "schema":
+            body["response_format"] = answer_schema(request.keys)
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
         problem = ""
         for attempt in range(self.retries + 1):
@@ -731,9 +754,11 @@ def make_backend(name: str, model: str, **options: Any) -> Backend:
 
 
 def request_key(backend: Backend, request: Request, sampling: Sampling) -> str:
-    """The cache key: a hash of the backend, the model, the prompt and every sampling setting."""
+    """The cache key: a hash of the backend, the model, the prompt, every sampling setting and
+    how decoding was constrained (a JSON schema names the answer's keys)."""
     identity = [backend.name, backend.model, request.messages, request.max_tokens, request.seed]
-    identity += [sampling.temperature, sampling.top_p, getattr(backend, "json_mode", False)]
+    mode = getattr(backend, "json_mode", "off")
+    identity += [sampling.temperature, sampling.top_p, {"off": False, "object": True}.get(mode, [mode, request.keys])]
     return hashlib.sha256(json.dumps(identity, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -1226,7 +1251,12 @@ def _run_round(pending: list[tuple[Job, Item]], ctx: _Context) -> list[tuple[Job
     seed depends on the record, the item and the try's number only, so how records share rounds
     changes no answer and a rerun finds every answer in the cache."""
     requests = [
-        Request(item.messages, item.max_tokens, _stable_int(ctx.settings.seed, job.index, item.slot, item.tries))
+        Request(
+            item.messages,
+            item.max_tokens,
+            _stable_int(ctx.settings.seed, job.index, item.slot, item.tries),
+            tuple(target.key for target in item.targets),
+        )
         for job, item in pending
     ]
     answers = ctx.generator.answers(requests)
@@ -1524,7 +1554,15 @@ def _generation_options(group) -> None:
     group.add_argument("--retries", type=int, default=3, help="openai: retries of a failed request")
     group.add_argument("--retry-backoff", type=float, default=1.0, help="openai: first wait, doubled each retry")
     group.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight")
-    group.add_argument("--json-mode", action="store_true", help="openai: ask for response_format json_object")
+    group.add_argument(
+        "--json-mode",
+        nargs="?",
+        const="object",
+        default="off",
+        choices=JSON_MODES,
+        help="openai: constrain decoding: 'object' (response_format json_object: any JSON object) or 'schema' "
+        "(json_schema: exactly the answer's keys, each a string); the bare flag means object",
+    )
 
 
 def backend_options(args: argparse.Namespace) -> dict:

@@ -16,7 +16,7 @@ covers every case of a test module:
     timeout       sleeps 30 s before answering (clients give up first)
     needs-key     as `ok` when the Authorization header is "Bearer sk-test-secret", else HTTP 401
 
-Every request is appended to --log as one JSON line {model, user, seed, max_tokens, authorized}.
+Every request is appended to --log as one JSON line {model, user, seed, max_tokens, response_format, authorized}.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class Handler(BaseHTTPRequestHandler):
             count = self.counts[model]
             if self.log_path:
                 line = {"model": model, "user": user, "seed": body.get("seed"), "max_tokens": body.get("max_tokens")}
+                line["response_format"] = body.get("response_format")
                 with open(self.log_path, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps({**line, "authorized": authorized}, ensure_ascii=False) + "\n")
         self._respond(model, user, count, authorized)

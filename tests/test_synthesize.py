@@ -39,6 +39,7 @@ from tpembed.data.synthesize import (
     Settings,
     TransformersBackend,
     UsageError,
+    answer_schema,
     copies_positive,
     detect_language,
     differs_enough,
@@ -50,6 +51,7 @@ from tpembed.data.synthesize import (
     make_backend,
     normalized_edit_distance,
     parse_answer,
+    request_key,
     same_language,
     synthesize,
     within_length,
@@ -638,6 +640,40 @@ def test_openai_backend_answers_retries_and_sends_the_key_from_the_environment(s
     with pytest.raises(BackendError, match=r"HTTP 401.*\$TEST_SERVER_KEY") as refused:
         openai(server, "needs-key", api_key_env="TEST_SERVER_KEY").generate([request], Sampling())
     assert "sk-wrong-secret" not in str(refused.value)
+
+
+def test_json_modes_constrain_the_answer_to_its_keys_and_key_the_cache(server, tmp_path):
+    """--json-mode schema sends each request a JSON schema of exactly its answer's keys (rewrite:
+    text; extend: query, positive, negative); object sends json_object; the cache tells them apart."""
+    for mode in ("schema", "object"):
+        backend = openai(server, f"mode-{mode}", json_mode=mode)
+        run("rewrite", tmp_path, [EN], {}, name=f"{mode}.jsonl", backend=backend, settings=Settings(max_tries=1))
+        formats = [r["response_format"] for r in logged(server[1], f"mode-{mode}")]
+        assert len(formats) == 2  # the query and the positive
+        if mode == "object":
+            assert formats == [{"type": "json_object"}] * 2
+            continue
+        for sent in formats:
+            assert sent["type"] == "json_schema" and sent["json_schema"]["strict"] is True
+            schema = sent["json_schema"]["schema"]
+            assert schema["required"] == ["text"] and schema["additionalProperties"] is False
+            assert schema["properties"] == {"text": {"type": "string"}}
+    assert answer_schema(["query", "positive", "negative"])["json_schema"]["schema"]["required"] == [
+        "query",
+        "positive",
+        "negative",
+    ]
+    request, sampling = Request((("user", "u"),), 16, 1, ("text",)), Sampling()
+    keys = {
+        mode: request_key(openai(server, "m", json_mode=mode), request, sampling)
+        for mode in ("off", "object", "schema")
+    }
+    assert len(set(keys.values())) == 3
+    other = Request((("user", "u"),), 16, 1, ("query", "positive", "negative"))
+    assert request_key(openai(server, "m", json_mode="schema"), other, sampling) != keys["schema"]
+    assert request_key(openai(server, "m"), other, sampling) == keys["off"]  # keys matter only to a schema
+    with pytest.raises(UsageError, match="--json-mode is one of off, object, schema"):
+        openai(server, "m", json_mode="grammar")
 
 
 @pytest.mark.parametrize(
