@@ -64,11 +64,12 @@ seeded per batch), `vllm` (offline LLM.generate with one seeded SamplingParams p
 needs `pip install 'tpembed[vllm]'` and a GPU) and `openai` (any OpenAI-compatible
 /chat/completions server: vLLM's, SGLang's, llama.cpp's, a hosted API; --base-url, API key from
 the environment variable named by --api-key-env, never printed; timeouts, retries with backoff on
-timeouts, 408, 429 and 5xx; the request carries a seed, which servers may honour).
+timeouts, 408, 429 and 5xx; the request carries a seed, which servers may honour; --json-mode
+schema asks for structured output holding exactly the answer's keys, object for any JSON object).
 
 Cache and resuming: every answer is stored in an sqlite file (--cache-dir, default
 OUTPUT.cache/, file answers.sqlite) under a hash of (backend, model, prompt, sampling settings
-with the request's seed and token budget), committed after every batch. A killed run started
+with the request's seed and token budget, JSON mode), committed after every batch. A killed run started
 again asks the model only for what it had not answered; a rerun with --overwrite is answered from
 the cache. Seeds are derived from (--seed, record number, slot, try), so a rerun sends the same
 requests. The transformers backend seeds each batch, so an answer generated there also depends on
@@ -1249,7 +1250,9 @@ def _run_round(pending: list[tuple[Job, Item]], ctx: _Context) -> list[tuple[Job
     """One try for every pending item, judged in input order; the items still pending after it
     (an item is done when accepted or after max_tries tries, then counted as failed). A try's
     seed depends on the record, the item and the try's number only, so how records share rounds
-    changes no answer and a rerun finds every answer in the cache."""
+    changes no request and a rerun finds every answer in the cache. (Which of two records that
+    got the same text keeps it depends on the order of judging; the transformers backend seeds
+    per batch, so its answers depend on the batch: a rerun with the same settings is identical.)"""
     requests = [
         Request(
             item.messages,
@@ -1421,8 +1424,10 @@ def _write(input_path: str | Path, output_path: str | Path, overwrite: bool, ctx
     item one try; records whose items are all done leave the window, in input order, to be
     written, and new records join it so that `chunk_size` records stay in flight. So every round
     but the last few of the whole input is full (a chunk that waited for its slowest items would
-    send small batches for its last rounds, leaving a GPU idle). The output appears only when the
-    last record is written."""
+    send small batches for its last rounds, leaving a GPU idle). Records with nothing to generate
+    count toward a bound on the window too (`chunk_size` x (max_tries + 1): finished records wait
+    behind a slow one at most that long), so memory stays bounded whatever the input. The output
+    appears only when the last record is written."""
     from tqdm import tqdm
 
     with tqdm(total=ctx.report.items, unit=" items", desc=ctx.operation.name, disable=not progress) as bar:
@@ -1432,9 +1437,9 @@ def _write(input_path: str | Path, output_path: str | Path, overwrite: bool, ctx
             window: deque[Job] = deque()  # admitted and not yet written, in input order
             pending: list[tuple[Job, Item]] = []
             open_jobs: dict[int, int] = {}  # job index -> its items still pending
-            exhausted = False
+            exhausted, most = False, ctx.settings.chunk_size * (ctx.settings.max_tries + 1)
             while True:
-                while not exhausted and len(open_jobs) < ctx.settings.chunk_size:
+                while not exhausted and len(open_jobs) < ctx.settings.chunk_size and len(window) < most:
                     job = next(jobs, None)
                     if job is None:
                         exhausted = True
@@ -1556,12 +1561,10 @@ def _generation_options(group) -> None:
     group.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight")
     group.add_argument(
         "--json-mode",
-        nargs="?",
-        const="object",
         default="off",
         choices=JSON_MODES,
-        help="openai: constrain decoding: 'object' (response_format json_object: any JSON object) or 'schema' "
-        "(json_schema: exactly the answer's keys, each a string); the bare flag means object",
+        help="openai: constrain decoding: object (response_format json_object: any JSON object) or schema "
+        "(json_schema: exactly the answer's keys, each a string)",
     )
 
 

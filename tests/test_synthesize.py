@@ -4,6 +4,7 @@ a killed run, the transformers backend on a tiny random-init model and on SmolLM
 backend against a stand-in module (a real GPU run is marked gpu), and the openai backend against
 a real server process on 127.0.0.1 (tests/openai_server.py)."""
 
+import hashlib
 import json
 import os
 import random
@@ -40,6 +41,7 @@ from tpembed.data.synthesize import (
     TransformersBackend,
     UsageError,
     answer_schema,
+    build_parser,
     copies_positive,
     detect_language,
     differs_enough,
@@ -469,6 +471,7 @@ def test_records_join_the_rounds_as_others_finish_and_change_no_answer(tmp_path)
             record["synthesis"]["source"] = int(record["synthesis"]["source"].rsplit(":", 1)[1])
         outputs.append(written)
         reports.append((report.items_accepted, report.items_failed, report.tries, report.records_written))
+        assert report.items_accepted + report.items_failed == report.items == 2 * len(records)
         if size == 4:
             rounds = [{originals.index(text) // 2 for text in call} for call in backend.calls]
             last_admitted = next(i for i, call in enumerate(rounds) if len(records) - 1 in call)
@@ -479,6 +482,50 @@ def test_records_join_the_rounds_as_others_finish_and_change_no_answer(tmp_path)
     assert accepted > 12 and failed > 0 and written == len(outputs[0]) > 0  # the data exercise both paths
     lines = [r["synthesis"]["source"] for r in outputs[0]]
     assert lines == sorted(lines)
+
+
+def test_records_with_nothing_to_generate_count_toward_the_window(tmp_path, monkeypatch):
+    """Hard negatives on mined records: most have enough negatives and no item. They still fill
+    the window (chunk_size x (max_tries + 1) records at most between reading and writing), so a
+    long run of them is written as it is read, not gathered in memory before the next round."""
+    import tpembed.data.synthesize as module
+
+    events, plan, write_job = [], module._plan_jobs, module._write_job
+
+    def reading(path, operation, report):
+        for job in plan(path, operation, report):
+            if report is not None:  # the second pass (the first one only indexes the input)
+                events.append(("read", job.index))
+            yield job
+
+    def writing(job, ctx, writer):
+        events.append(("write", job.index))
+        write_job(job, ctx, writer)
+
+    monkeypatch.setattr(module, "_plan_jobs", reading)
+    monkeypatch.setattr(module, "_write_job", writing)
+    full, short = {**DOG, "negs": ["n1", "n2", "n3", "n4"]}, {**EN, "negs": []}
+    records = [full] * 7 + [short] + [full] * 7
+    script = {EN["query"]: [json.dumps({"negative": "A man tunes a violin in a shop."})]}
+    output, report, _ = run("hard-negatives", tmp_path, records, script, settings=Settings(max_tries=1, chunk_size=1))
+    in_window, most = 0, 0
+    for kind, _ in events:
+        in_window += 1 if kind == "read" else -1
+        most = max(most, in_window)
+    assert most == 1 * (1 + 1)  # the records before the short one were written in pairs, as read
+    assert [index for kind, index in events if kind == "write"] == list(range(len(records)))
+    assert len(read_jsonl(output)) == len(records) == report.records_written == report.records_read
+    assert report.items == 4 and report.items_accepted + report.items_failed == 4
+
+
+def test_json_mode_on_the_command_line():
+    parser = build_parser()
+    base = ["rewrite", "in.jsonl", "out.jsonl", "--backend", "openai", "--model", "m"]
+    assert parser.parse_args(base).json_mode == "off"
+    assert parser.parse_args([*base, "--json-mode", "schema"]).json_mode == "schema"
+    assert parser.parse_args(["--json-mode", "object", *base]).json_mode == "object"
+    with pytest.raises(SystemExit):  # a value is required: a bare flag never takes a positional
+        parser.parse_args(["--json-mode", *base])
 
 
 # ---- backends ----------------------------------------------------------------------------
@@ -669,6 +716,9 @@ def test_json_modes_constrain_the_answer_to_its_keys_and_key_the_cache(server, t
         for mode in ("off", "object", "schema")
     }
     assert len(set(keys.values())) == 3
+    for mode, flag in (("off", False), ("object", True)):  # the key of caches written before JSON modes
+        identity = ["openai", "m", [["user", "u"]], 16, 1, sampling.temperature, sampling.top_p, flag]
+        assert keys[mode] == hashlib.sha256(json.dumps(identity, ensure_ascii=False).encode("utf-8")).hexdigest()
     other = Request((("user", "u"),), 16, 1, ("query", "positive", "negative"))
     assert request_key(openai(server, "m", json_mode="schema"), other, sampling) != keys["schema"]
     assert request_key(openai(server, "m"), other, sampling) == keys["off"]  # keys matter only to a schema
