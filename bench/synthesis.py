@@ -51,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=100, help="records per language and operation")
     parser.add_argument("--operations", nargs="+", choices=OPERATIONS, default=list(OPERATIONS))
+    parser.add_argument("--languages", nargs="+", choices=("en", "zh"), default=["en", "zh"])
     parser.add_argument("--en", type=Path, default=SAMPLES["en"])
     parser.add_argument("--zh", type=Path, default=SAMPLES["zh"])
     parser.add_argument("--keep-negatives", type=int, default=1, help="negatives kept before hard-negatives")
@@ -78,7 +79,8 @@ def keep_negatives(record: dict, count: int) -> dict:
 def prepare_inputs(args: argparse.Namespace, work: Path) -> dict[tuple[str, str], Path]:
     """(operation, language) -> an input file of the first --records records."""
     inputs = {}
-    for language, source in (("en", args.en), ("zh", args.zh)):
+    for language in args.languages:
+        source = args.en if language == "en" else args.zh
         with source.open(encoding="utf-8") as handle:
             records = [json.loads(line) for line, _ in zip(handle, range(args.records))]
         for operation in args.operations:
