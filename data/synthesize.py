@@ -628,7 +628,11 @@ JSON_MODES = ("off", "object", "schema")
 def answer_schema(keys: Sequence[str]) -> dict:
     """The OpenAI `response_format` that constrains decoding to one JSON object holding exactly
     `keys`, each a string (structured outputs: vLLM, SGLang, llama.cpp's server, OpenAI). The
-    answer is still parsed and every constraint checked; only its form is guaranteed."""
+    answer is still parsed and every constraint checked; only its form is guaranteed (an empty
+    or blank string fits the schema and is a rejected try: `minLength` and `pattern` are left out
+    because servers differ on which of them they accept, and one they refuse fails every request)."""
+    if not keys:
+        raise ValueError("a JSON schema answer needs the keys it must hold")
     schema = {
         "type": "object",
         "properties": {key: {"type": "string"} for key in keys},
@@ -822,6 +826,7 @@ class Settings:
     max_new_tokens: int = 512
     seed: int = 0
     chunk_size: int = 256
+    window: int = 32768
     skip_invalid: bool = False
     prompts_dir: str | None = None
     minhash: float | None = None
@@ -1250,9 +1255,10 @@ def _run_round(pending: list[tuple[Job, Item]], ctx: _Context) -> list[tuple[Job
     """One try for every pending item, judged in input order; the items still pending after it
     (an item is done when accepted or after max_tries tries, then counted as failed). A try's
     seed depends on the record, the item and the try's number only, so how records share rounds
-    changes no request and a rerun finds every answer in the cache. (Which of two records that
-    got the same text keeps it depends on the order of judging; the transformers backend seeds
-    per batch, so its answers depend on the batch: a rerun with the same settings is identical.)"""
+    changes no request and a rerun finds every answer in the cache. (Except that which of two
+    records that got the same text keeps it depends on the order of judging, so another
+    --chunk-size can move one extra try; and the transformers backend seeds per batch, so its
+    answers depend on the batch. A rerun or resume with the same settings is identical.)"""
     requests = [
         Request(
             item.messages,
@@ -1408,6 +1414,8 @@ def _index_input(input_path: str | Path, op: Operation) -> tuple[SeenTexts, int]
 
 
 def _check_settings(s: Settings) -> None:
+    if s.window < s.chunk_size:
+        raise UsageError(f"--window ({s.window}) must be at least --chunk-size ({s.chunk_size})")
     if s.max_tries < 1 or s.chunk_size < 1 or s.extensions < 1 or s.min_negatives < 0:
         raise UsageError("--max-tries, --chunk-size and --extensions must be at least 1, --min-negatives at least 0")
     if not set(s.rewrite_fields) <= {"query", "pos"} or not s.rewrite_fields:
@@ -1422,12 +1430,13 @@ def _check_settings(s: Settings) -> None:
 def _write(input_path: str | Path, output_path: str | Path, overwrite: bool, ctx: _Context, progress: bool) -> None:
     """The second pass, in rounds over a rolling window of records: each round gives every pending
     item one try; records whose items are all done leave the window, in input order, to be
-    written, and new records join it so that `chunk_size` records stay in flight. So every round
-    but the last few of the whole input is full (a chunk that waited for its slowest items would
-    send small batches for its last rounds, leaving a GPU idle). Records with nothing to generate
-    count toward a bound on the window too (`chunk_size` x (max_tries + 1): finished records wait
-    behind a slow one at most that long), so memory stays bounded whatever the input. The output
-    appears only when the last record is written."""
+    written, and new records join it so that `chunk_size` records with items stay in flight. So
+    every round but the last few of the whole input is full (a chunk that waited for its slowest
+    items would send small batches for its last rounds, leaving a GPU idle). Records with nothing
+    to generate (hard negatives on mined records that mostly have enough) count toward a second
+    bound, `window` records between reading and writing, so memory stays bounded whatever the
+    input; it is large (32768) because where only a share p of the records have items, a round
+    holds at most p x window of them. The output appears only when the last record is written."""
     from tqdm import tqdm
 
     with tqdm(total=ctx.report.items, unit=" items", desc=ctx.operation.name, disable=not progress) as bar:
@@ -1437,7 +1446,7 @@ def _write(input_path: str | Path, output_path: str | Path, overwrite: bool, ctx
             window: deque[Job] = deque()  # admitted and not yet written, in input order
             pending: list[tuple[Job, Item]] = []
             open_jobs: dict[int, int] = {}  # job index -> its items still pending
-            exhausted, most = False, ctx.settings.chunk_size * (ctx.settings.max_tries + 1)
+            exhausted, most = False, ctx.settings.window
             while True:
                 while not exhausted and len(open_jobs) < ctx.settings.chunk_size and len(window) < most:
                     job = next(jobs, None)
@@ -1546,6 +1555,12 @@ def _generation_options(group) -> None:
         default=d.chunk_size,
         help="records in flight: each round tries their pending items; finished records make room for new ones",
     )
+    group.add_argument(
+        "--window",
+        type=int,
+        default=d.window,
+        help="most records read and not yet written, those with nothing to generate included (memory bound)",
+    )
     group.add_argument("--batch-size", type=int, help="requests per backend call (transformers 8, vllm 1024)")
     group.add_argument("--trust-remote-code", action="store_true")
     group.add_argument("--device", help="transformers: cpu, cuda, cuda:1 (default: cuda when available)")
@@ -1570,6 +1585,8 @@ def _generation_options(group) -> None:
 
 def backend_options(args: argparse.Namespace) -> dict:
     """The parsed command line's options of the chosen backend."""
+    if args.json_mode != "off" and args.backend != "openai":
+        raise UsageError(f"--json-mode {args.json_mode} is for --backend openai (the server constrains decoding)")
     if args.backend == "transformers":
         options = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     elif args.backend == "vllm":

@@ -41,6 +41,7 @@ from tpembed.data.synthesize import (
     TransformersBackend,
     UsageError,
     answer_schema,
+    backend_options,
     build_parser,
     copies_positive,
     detect_language,
@@ -484,10 +485,11 @@ def test_records_join_the_rounds_as_others_finish_and_change_no_answer(tmp_path)
     assert lines == sorted(lines)
 
 
-def test_records_with_nothing_to_generate_count_toward_the_window(tmp_path, monkeypatch):
-    """Hard negatives on mined records: most have enough negatives and no item. They still fill
-    the window (chunk_size x (max_tries + 1) records at most between reading and writing), so a
-    long run of them is written as it is read, not gathered in memory before the next round."""
+@pytest.mark.parametrize("max_tries, window", [(1, 2), (5, 3)])
+def test_records_with_nothing_to_generate_count_toward_the_window(tmp_path, monkeypatch, max_tries, window):
+    """Hard negatives on mined records: most have enough negatives and no item. They still count
+    toward the window (at most `window` records between reading and writing, whatever
+    max_tries), so a long run of them is written as it is read, not gathered in memory."""
     import tpembed.data.synthesize as module
 
     events, plan, write_job = [], module._plan_jobs, module._write_job
@@ -507,15 +509,43 @@ def test_records_with_nothing_to_generate_count_toward_the_window(tmp_path, monk
     full, short = {**DOG, "negs": ["n1", "n2", "n3", "n4"]}, {**EN, "negs": []}
     records = [full] * 7 + [short] + [full] * 7
     script = {EN["query"]: [json.dumps({"negative": "A man tunes a violin in a shop."})]}
-    output, report, _ = run("hard-negatives", tmp_path, records, script, settings=Settings(max_tries=1, chunk_size=1))
+    settings = Settings(max_tries=max_tries, chunk_size=1, window=window)
+    output, report, _ = run("hard-negatives", tmp_path, records, script, settings=settings)
     in_window, most = 0, 0
     for kind, _ in events:
         in_window += 1 if kind == "read" else -1
         most = max(most, in_window)
-    assert most == 1 * (1 + 1)  # the records before the short one were written in pairs, as read
+    assert most == window  # records were read `window` at a time, and written as read
     assert [index for kind, index in events if kind == "write"] == list(range(len(records)))
     assert len(read_jsonl(output)) == len(records) == report.records_written == report.records_read
     assert report.items == 4 and report.items_accepted + report.items_failed == 4
+
+
+def test_a_sparse_input_still_fills_the_rounds(tmp_path, monkeypatch):
+    """One record in four needs negatives: with a window of 16 records and 4 in flight, the
+    first round tries all 4 of the first 16 records' items (a window tied to the tries, as
+    before, held 2 x chunk records and sent rounds of 2 records' items)."""
+    import tpembed.data.synthesize as module
+
+    rounds, run_round = [], module._run_round
+
+    def counting(pending, ctx):
+        rounds.append(len({job.index for job, _ in pending}))
+        return run_round(pending, ctx)
+
+    monkeypatch.setattr(module, "_run_round", counting)
+    full, short = {**DOG, "negs": ["n1", "n2", "n3", "n4"]}, {**EN, "negs": ["n1", "n2", "n3"]}
+    records = ([full] * 3 + [short]) * 8
+    script = {EN["query"]: [json.dumps({"negative": f"A man tunes violin number {i} in a shop."}) for i in range(8)]}
+    settings = Settings(max_tries=1, chunk_size=4, window=16)
+    output, report, _ = run("hard-negatives", tmp_path, records, script, settings=settings)
+    assert rounds == [4, 4]
+    assert report.records_written == len(records) == len(read_jsonl(output))
+
+
+def test_the_window_holds_the_chunk(tmp_path):
+    with pytest.raises(UsageError, match=r"--window \(4\) must be at least --chunk-size \(8\)"):
+        run("rewrite", tmp_path, [EN], {}, settings=Settings(chunk_size=8, window=4))
 
 
 def test_json_mode_on_the_command_line():
@@ -526,6 +556,11 @@ def test_json_mode_on_the_command_line():
     assert parser.parse_args(["--json-mode", "object", *base]).json_mode == "object"
     with pytest.raises(SystemExit):  # a value is required: a bare flag never takes a positional
         parser.parse_args(["--json-mode", *base])
+    local = ["rewrite", "in.jsonl", "out.jsonl", "--backend", "transformers", "--model", "m", "--json-mode", "schema"]
+    with pytest.raises(UsageError, match="--json-mode schema is for --backend openai"):
+        backend_options(parser.parse_args(local))
+    with pytest.raises(ValueError, match="needs the keys"):
+        answer_schema(())
 
 
 # ---- backends ----------------------------------------------------------------------------
