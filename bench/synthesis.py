@@ -12,13 +12,16 @@ up to 4. The generator is loaded once (default SmolLM2-135M-Instruct from the ll
 through the transformers backend; --backend openai --base-url URL measures a server instead).
 
 Throughput on this 2-core CPU: the transformers backend pads every batch to its longest answer
-(~11 tokens/s effective at batch 8, one thread). llama.cpp's server on the same GGUF serves
-~80-100 tokens/s; build it from the llama-cpp-python sdist (vendor/llama.cpp: `cmake -B build
--DLLAMA_CURL=OFF && cmake --build build --target llama-server -j2`, ~10 min), start
+(~11 tokens/s effective at batch 8, one thread). llama.cpp's server on the same GGUF served
+44-76 tokens/s here (docs/benchmarks.md); build it from the llama-cpp-python sdist
+(vendor/llama.cpp: `cmake -B build -DLLAMA_CURL=OFF && cmake --build build --target
+llama-server -j2`, 5-10 min), start
 `llama-server -m .../SmolLM2-135M-Instruct.Q4_1.gguf -np 16 -c 32768 -t 2 --port 8089` and pass
 `--backend openai --base-url http://127.0.0.1:8089/v1 --model SmolLM2-135M-Instruct.Q4_1
 --batch-size 64 --concurrency 16 --work-dir runs/synthesis_full`. A stopped run started again
-with the same --work-dir takes every answer it already has from the cache.
+with the same --work-dir takes every answer it already has from the cache; --languages zh (or
+en) runs one half. If the server dies with "Illegal instruction" on a virtual machine, build
+with -DGGML_NATIVE=OFF -DGGML_AVX2=ON instead of the native instruction set.
 
 Decontamination: against the STS-B dev (en) and validation (zh) files of ../shared/data when
 they exist (the Chinese triplets share many texts with STS-B zh validation, so records whose
