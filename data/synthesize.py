@@ -1446,9 +1446,9 @@ def _write(input_path: str | Path, output_path: str | Path, overwrite: bool, ctx
             window: deque[Job] = deque()  # admitted and not yet written, in input order
             pending: list[tuple[Job, Item]] = []
             open_jobs: dict[int, int] = {}  # job index -> its items still pending
-            exhausted, most = False, ctx.settings.window
+            exhausted = False
             while True:
-                while not exhausted and len(open_jobs) < ctx.settings.chunk_size and len(window) < most:
+                while not exhausted and len(open_jobs) < ctx.settings.chunk_size and len(window) < ctx.settings.window:
                     job = next(jobs, None)
                     if job is None:
                         exhausted = True
