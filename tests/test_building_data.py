@@ -1,8 +1,9 @@
 """docs/building-data.md's worked example, step by step on the bundled sample: convert,
-decontaminate, mine, train."""
+decontaminate, mine, synthesise the missing negatives, train."""
 
 import json
 import subprocess
+import sys
 
 from conftest import REPO, run_script, subprocess_env
 
@@ -39,7 +40,33 @@ def test_worked_example_from_raw_pairs_to_a_stage1_run(quickstart_stage1, tmp_pa
     assert [r["query"] for r in mined] == [r["query"] for r in clean]
     assert all(not set(r["negs"]) & set(r["pos"]) and "mining" in r for r in mined)
 
+    # synthesis of the missing negatives against an OpenAI-compatible server (tests/openai_server.py
+    # stands in for the LLM): each record asks for a fifth negative, and the server answers with
+    # its positive's words in reverse order, which passes every constraint; the record whose
+    # positive the server does not know gets an answer that is not JSON, and keeps its four
+    replies = {f"Relevant passage: {r['pos'][0]}\n": json.dumps({"negative": " ".join(r["pos"][0].split()[::-1])})
+               for r in mined[1:]}  # fmt: skip
+    (tmp_path / "replies.json").write_text(json.dumps({"match": list(replies.items()), "default": "no"}))
+    argv = [sys.executable, str(REPO / "tests" / "openai_server.py"), "--replies", str(tmp_path / "replies.json")]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("listening on "), line
+        command("tpembed-synthesize", "hard-negatives", str(work / "snli_mined.jsonl"), str(work / "snli_filled.jsonl"),
+                "--backend", "openai", "--model", "ok", "--base-url", f"http://127.0.0.1:{line.split()[-1]}/v1",
+                "--min-negatives", str(max(len(r["negs"]) for r in mined) + 1), "--max-tries", "2",
+                "--eval", str(evaluation), "--no-progress")  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    filled = [json.loads(line) for line in (work / "snli_filled.jsonl").read_text().splitlines()]
+    assert [r["query"] for r in filled] == [r["query"] for r in mined]
+    assert filled[0]["negs"] == mined[0]["negs"] and "synthesis" not in filled[0]
+    for before, after in zip(mined[1:], filled[1:]):
+        assert after["negs"] == [*before["negs"], " ".join(before["pos"][0].split()[::-1])]
+        assert after["synthesis"]["operation"] == "hard-negatives" and after["synthesis"]["model"] == "ok"
+
     run_dir = tmp_path / "runs" / "mined"
     run_script("stage1.py", REPO / "configs/quickstart/stage1.yaml", run_dir, "--train-files",
-               str(work / "snli_mined.jsonl"), "--max-steps", "2", "--batch-size", "8")  # fmt: skip
+               str(work / "snli_filled.jsonl"), "--max-steps", "2", "--batch-size", "8")  # fmt: skip
     assert (run_dir / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
