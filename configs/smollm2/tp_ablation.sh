@@ -23,7 +23,7 @@ OUT=${OUT:-runs/tp_ablation}
 STAGE1=${STAGE1:-$OUT/stage1}
 STAGE1_STEPS=${STAGE1_STEPS:-40}
 STEPS=${STEPS:-24}
-SEEDS=${SEEDS:-"1 2 3"}
+SEEDS=${SEEDS-"1 2 3"}  # SEEDS="" prepares the data and configs only
 RESULTS=${RESULTS:-docs/results/tp_ablation}
 DATA=../shared/data
 mkdir -p "$OUT/data" "$RESULTS"
@@ -77,4 +77,4 @@ for seed in $SEEDS; do
     cp "$OUT/eval_$name/results.json" "$RESULTS/eval_$name.json"
   done
 done
-python configs/smollm2/tables.py --seeds "$RESULTS"
+if ls "$RESULTS"/eval_tp_none_seed*.json > /dev/null 2>&1; then python configs/smollm2/tables.py --seeds "$RESULTS"; fi
