@@ -1,6 +1,8 @@
 """Shared test setup: one CPU thread, no denormals, a private cache, session fixtures."""
 
+import contextlib
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +41,23 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+@contextlib.contextmanager
+def openai_test_server(folder: Path, replies: dict, log: Path | None = None):
+    """tests/openai_server.py on a free port, answering from `replies` ({"match": [[substring,
+    reply], ...], "default": reply}); yields its base URL and stops it on exit."""
+    (folder / "replies.json").write_text(json.dumps(replies, ensure_ascii=False), encoding="utf-8")
+    command = [sys.executable, str(REPO / "tests" / "openai_server.py"), "--replies", str(folder / "replies.json")]
+    command += ["--log", str(log)] if log else []
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("listening on "), line
+        yield f"http://127.0.0.1:{int(line.split()[-1])}/v1"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

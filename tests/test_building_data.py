@@ -3,9 +3,8 @@ decontaminate, mine, synthesise the missing negatives, train."""
 
 import json
 import subprocess
-import sys
 
-from conftest import REPO, run_script, subprocess_env
+from conftest import REPO, openai_test_server, run_script, subprocess_env
 
 INSTRUCTION = "Given a premise, retrieve a hypothesis that is entailed by the premise"
 
@@ -46,19 +45,11 @@ def test_worked_example_from_raw_pairs_to_a_stage1_run(quickstart_stage1, tmp_pa
     # positive the server does not know gets an answer that is not JSON, and keeps its four
     replies = {f"Relevant passage: {r['pos'][0]}\n": json.dumps({"negative": " ".join(r["pos"][0].split()[::-1])})
                for r in mined[1:]}  # fmt: skip
-    (tmp_path / "replies.json").write_text(json.dumps({"match": list(replies.items()), "default": "no"}))
-    argv = [sys.executable, str(REPO / "tests" / "openai_server.py"), "--replies", str(tmp_path / "replies.json")]
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=subprocess_env())
-    try:
-        line = server.stdout.readline()
-        assert line.startswith("listening on "), line
+    with openai_test_server(tmp_path, {"match": list(replies.items()), "default": "no"}) as url:
         command("tpembed-synthesize", "hard-negatives", str(work / "snli_mined.jsonl"), str(work / "snli_filled.jsonl"),
-                "--backend", "openai", "--model", "ok", "--base-url", f"http://127.0.0.1:{line.split()[-1]}/v1",
+                "--backend", "openai", "--model", "ok", "--base-url", url,
                 "--min-negatives", str(max(len(r["negs"]) for r in mined) + 1), "--max-tries", "2",
                 "--eval", str(evaluation), "--no-progress")  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     filled = [json.loads(line) for line in (work / "snli_filled.jsonl").read_text().splitlines()]
     assert [r["query"] for r in filled] == [r["query"] for r in mined]
     assert filled[0]["negs"] == mined[0]["negs"] and "synthesis" not in filled[0]

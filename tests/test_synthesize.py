@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, subprocess_env
+from conftest import openai_test_server, subprocess_env
 from tpembed.data.formats import DataError, read_dataset
 from tpembed.data.io import OutputExistsError
 from tpembed.data.synthesize import (
@@ -683,22 +683,9 @@ def server(tmp_path_factory):
     """tests/openai_server.py on a free port; (base URL, log path)."""
     folder = tmp_path_factory.mktemp("openai")
     replies = {"match": [[original, answers[-1]] for original, answers in REWRITES.items()], "default": "?"}
-    (folder / "replies.json").write_text(json.dumps(replies, ensure_ascii=False), encoding="utf-8")
     log = folder / "requests.jsonl"
-    command = [
-        sys.executable,
-        str(REPO / "tests" / "openai_server.py"),
-        "--replies",
-        str(folder / "replies.json"),
-        "--log",
-        str(log),
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=subprocess_env())
-    line = process.stdout.readline()
-    assert line.startswith("listening on "), line
-    yield f"http://127.0.0.1:{int(line.split()[-1])}/v1", log
-    process.terminate()
-    process.wait(timeout=10)
+    with openai_test_server(folder, replies, log) as url:
+        yield url, log
 
 
 def logged(log: Path, model: str) -> list[dict]:

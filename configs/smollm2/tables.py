@@ -29,7 +29,8 @@ LANGUAGES = {
 
 
 def load(path: Path) -> dict | None:
-    file = path / "results.json"
+    """A results.json file, or the one in an evaluation directory; None when there is none."""
+    file = path if path.suffix == ".json" else path / "results.json"
     return json.loads(file.read_text()) if file.is_file() else None
 
 
@@ -108,7 +109,7 @@ def seeds(root: Path) -> None:
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted(root.glob("eval_tp_*_seed*")):
         match = re.fullmatch(r"eval_tp_(.+)_seed(\d+)(\.json)?", path.name)
-        results = json.loads(path.read_text()) if path.suffix == ".json" else load(path)
+        results = load(path)
         if match and results:
             runs.setdefault(match[1], {})[int(match[2])] = results
     if set(runs) != {"1_7", "none"}:
