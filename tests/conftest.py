@@ -4,6 +4,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,8 +15,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
-# the converted tokenizer is built once per test session, in a private cache
-os.environ.setdefault("TPEMBED_CACHE", tempfile.mkdtemp(prefix="tpembed-test-cache-"))
+# the converted tokenizer and the dequantised GGUF are built once per test session, in a private
+# cache that the xdist workers inherit from the controller
+if "TPEMBED_CACHE" not in os.environ:
+    os.environ["TPEMBED_CACHE"] = tempfile.mkdtemp(prefix="tpembed-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -112,27 +115,44 @@ def run_script(script: str, config: Path, output_dir: Path, *flags: str) -> subp
     return result
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A directory that `build(directory)` fills once per test session, shared by all xdist
+    workers: the first worker to get here builds it under a lock, the others wait and reuse it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above each worker's own
+    target = root / "built-once" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "BUILT").is_file():
+            shutil.rmtree(target, ignore_errors=True)  # a build that failed part-way
+            target.mkdir()
+            build(target)
+            (target / "BUILT").touch()
+    return target
+
+
 @pytest.fixture(scope="session")
 def quickstart_stage1(tmp_path_factory):
     """A 3-step quickstart stage-1 run (session-wide; treat as read-only)."""
-    run_dir = tmp_path_factory.mktemp("quickstart") / "stage1"
-    run_script("stage1.py", REPO / "configs/quickstart/stage1.yaml", run_dir, "--max-steps", "3", "--save-every", "3")
-    return run_dir
+
+    def build(directory):
+        run_script("stage1.py", REPO / "configs/quickstart/stage1.yaml", directory / "stage1", "--max-steps", "3",
+                   "--save-every", "3")  # fmt: skip
+
+    return built_once(tmp_path_factory, "quickstart-stage1", build) / "stage1"
 
 
 @pytest.fixture(scope="session")
 def quickstart_stage2(tmp_path_factory, quickstart_stage1):
     """A 10-step quickstart stage-2 run from quickstart_stage1; (run dir, its stderr)."""
-    run_dir = quickstart_stage1.parent / "stage2"
-    result = run_script(
-        "stage2.py",
-        REPO / "configs/quickstart/stage2.yaml",
-        run_dir,
-        "--init-from",
-        str(quickstart_stage1),
-        "--max-steps",
-        "10",
-        "--save-every",
-        "10",
-    )
-    return run_dir, result.stderr
+
+    def build(directory):
+        result = run_script("stage2.py", REPO / "configs/quickstart/stage2.yaml", directory / "stage2", "--init-from",
+                            str(quickstart_stage1), "--max-steps", "10", "--save-every", "10")  # fmt: skip
+        (directory / "stderr.txt").write_text(result.stderr)
+
+    directory = built_once(tmp_path_factory, "quickstart-stage2", build)
+    return directory / "stage2", (directory / "stderr.txt").read_text()

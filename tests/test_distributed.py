@@ -49,14 +49,20 @@ def run(command, cwd):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process holding the whole batch, without GradCache: the reference of both modes."""
+    directory = tmp_path_factory.mktemp("single")
+    run([sys.executable, str(WORKER), str(write_config(directory / "config.yaml")), str(directory)], REPO)
+    return directory
+
+
 @pytest.mark.parametrize("mode", ["plain", "gradcache"])
-def test_two_processes_match_one(tmp_path, mode):
+def test_two_processes_match_one(tmp_path, single, mode):
     """mode gradcache: two processes with GradCache against one process without it."""
     config = write_config(tmp_path / "config.yaml")
-    single, double = tmp_path / "single", tmp_path / "double"
-    single.mkdir()
+    double = tmp_path / "double"
     double.mkdir()
-    run([sys.executable, str(WORKER), str(config), str(single)], REPO)
     port = free_port()
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     run([*launch, "--main_process_port", port, str(WORKER), str(config), str(double), mode], REPO)

@@ -365,12 +365,12 @@ def test_an_export_without_task_type_prompts_still_loads_and_says_so(export_dir,
 
 
 def test_the_card_and_the_model_meta_list_the_training_datasets(
-    export_dir, export_adapter, quickstart_stage2, run_embedder
+    export_dir, export_adapter, quickstart_stage1, quickstart_stage2, run_embedder
 ):
     from tpembed.train.config import load_saved_config
 
     names = set()
-    for config_path in (quickstart_stage2[0] / "config.yaml", quickstart_stage2[0].parent / "stage1" / "config.yaml"):
+    for config_path in (quickstart_stage2[0] / "config.yaml", quickstart_stage1 / "config.yaml"):
         for dataset in load_saved_config(config_path).data.datasets:
             names.add(dataset.name or dataset.path.rsplit("/", 1)[-1].removesuffix(".jsonl"))
     card = (export_dir / "README.md").read_text()

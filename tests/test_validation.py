@@ -12,6 +12,7 @@ from conftest import REPO, subprocess_env
 from tpembed.data import DataError
 from tpembed.train.config import STAGE_DEFAULTS, ConfigError, load_config
 from tpembed.train.loop import train
+from tpembed.train.validate import main as validate_main
 from tpembed.train.validate import validate_run
 
 QUICKSTART = REPO / "configs/quickstart/stage1.yaml"
@@ -181,11 +182,11 @@ def test_a_fresh_run_refuses_a_directory_with_checkpoints(guarded):
         train(config)
 
 
-def test_validate_command(tmp_path):
-    good = subprocess.run([sys.executable, "-m", "tpembed.train.validate", "--config", str(QUICKSTART)], cwd=REPO,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert good.returncode == 0, good.stderr[-3000:]
-    assert "valid:" in good.stdout and "snli_triplets_en: retrieval, 640 examples" in good.stdout
+def test_validate_command(tmp_path, capsys):
+    assert validate_main(["--config", str(QUICKSTART)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("valid:") and "snli_triplets_en: retrieval, 640 examples" in out
+    # the console command's exit status and error output, in a process of its own
     path = write(tmp_path / "bad.jsonl", [GOOD, '{"query": 1, "pos": "p"}'])
     command = [sys.executable, "-m", "tpembed.train.validate", "--config", str(QUICKSTART), "--train-files", str(path)]
     bad = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
