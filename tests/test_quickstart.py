@@ -71,7 +71,8 @@ def test_quickstart_trains_saves_and_resumes(tmp_path):
     shutil.copytree(run_dir, resumed)
     shutil.rmtree(resumed / "checkpoints/step-00000004")
     stage1(resumed, "--max-steps", "4", "--save-every", "2", "--resume-from", "auto")
-    assert [r["step"] for r in losses(resumed)] == [1, 2, 3, 4]
-    for a, b in zip(losses(resumed), records):
+    continued = losses(resumed)
+    assert [r["step"] for r in continued] == [1, 2, 3, 4]
+    for a, b in zip(continued, records):
         assert (a["dataset"], a["lr"], a["loss"]) == (b["dataset"], b["lr"], b["loss"]), a["step"]  # fp32: identical
     assert [step for step, _ in complete_checkpoints(resumed)] == [2, 4]
