@@ -31,8 +31,29 @@ def builders(tokenizer, tp):
     return made
 
 
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A random-init Llama (SmolLM2's architecture) saved as safetensors, so that it loads through
+    load_backbone like a real checkpoint."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=151_680, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    LlamaModel(config).save_pretrained(directory)
+    return directory
+
+
 @pytest.mark.parametrize("tp", [False, True], ids=["plain", "token-prepending"])
-def test_packed_equals_padded(tiny_encoder, qwen_tokenizer, tp):
+@pytest.mark.parametrize("architecture", ["qwen3", "llama"])
+def test_packed_equals_padded(tiny_encoder, qwen_tokenizer, tp, architecture, request):
+    if architecture == "llama":
+        from tpembed.modeling import Encoder, EncoderSpec, load_backbone
+
+        torch.manual_seed(0)
+        backbone = load_backbone(str(request.getfixturevalue("tiny_llama_dir")))
+        tiny_encoder = Encoder(backbone, EncoderSpec(output_dim=1792)).eval()
     if tp:
         tiny_encoder.set_tp_layers("1-7")
     padded_builder, packed_builder = builders(qwen_tokenizer, tp)
