@@ -99,9 +99,10 @@ def score(results: dict | None, task: str, dim: int | None = None) -> float:
 
 
 def spread(values: list[float]) -> str:
-    """Mean ± sample standard deviation (± 0 for a single value)."""
-    deviation = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {deviation:.2f}"
+    """Mean ± sample standard deviation; a single value has no spread, so it stands alone."""
+    if len(values) < 2:
+        return f"{statistics.mean(values):.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def seeds(root: Path) -> None:
