@@ -70,8 +70,13 @@ def test_evaluate_on_a_hand_built_dataset(tmp_path):
         EvalTaskConfig(name="sts", type="sts", path=str(sts)),
         EvalTaskConfig(name="ret", type="retrieval", path=str(beir)),
     ]
-    results = evaluate(encode, tasks, dims=[1, 4])
+    lines = []
+    results = evaluate(encode, tasks, dims=[1, 4], log=lines.append)
     assert results["tasks"]["sts"]["by_dim"]["4"]["spearman"] == pytest.approx(100.0)
+    # one progress line per task, in order, with the main metric at the largest dim
+    assert len(lines) == 2
+    assert lines[0].startswith("task 1/2 sts: spearman at 4 dims 100.00 on 3 examples (")
+    assert lines[1].startswith("task 2/2 ret: ndcg@10 at 4 dims ")
     # q1 at dim 4 ranks a (0.995) > c (0.6) > b (0): DCG = 1 + 2/log2(3), IDCG = 2 + 1/log2(3)
     ndcg_q1 = (1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3))
     # q2 ranks c (0.8) > b (0.707) > a: first relevant at rank 2

@@ -40,6 +40,7 @@ import argparse
 import csv
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -219,12 +220,28 @@ def evaluate_task(encode: EncodeFn, task: EvalTaskConfig, dims: list[int], data=
     return {"type": task.type, "main_metric": MAIN_METRIC[task.type], "num_examples": count, "by_dim": by_dim}
 
 
-def evaluate(encode: EncodeFn, tasks: list[EvalTaskConfig], dims: list[int], loaded: dict | None = None) -> dict:
+def evaluate(
+    encode: EncodeFn,
+    tasks: list[EvalTaskConfig],
+    dims: list[int],
+    loaded: dict | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Scores of every task; `log` gets one line per finished task (its main metric at the
+    largest dim and the seconds it took), so a long evaluation shows where it is."""
     loaded = loaded or {}
-    return {
-        "dims": list(dims),
-        "tasks": {task.name: evaluate_task(encode, task, dims, loaded.get(task.name)) for task in tasks},
-    }
+    scores = {}
+    for index, task in enumerate(tasks, 1):
+        start = time.perf_counter()
+        scores[task.name] = result = evaluate_task(encode, task, dims, loaded.get(task.name))
+        if log is not None:
+            top = str(max(dims))
+            log(
+                f"task {index}/{len(tasks)} {task.name}: {result['main_metric']} at {top} dims "
+                f"{result['by_dim'][top][result['main_metric']]:.2f} on {result['num_examples']} "
+                f"examples ({time.perf_counter() - start:.0f} s)"
+            )
+    return {"dims": list(dims), "tasks": scores}
 
 
 def flat_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
@@ -525,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         dims = check_dims(args.dims or dims, dims)
     except ConfigError as error:
         parser.error(str(error))
-    _report({"model": name, **evaluate(encode, tasks, dims)}, args.output_dir)
+    log = lambda line: print(f"tpembed-eval: {line}", file=sys.stderr, flush=True)  # noqa: E731
+    _report({"model": name, **evaluate(encode, tasks, dims, log=log)}, args.output_dir)
     return 0
 
 
