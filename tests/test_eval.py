@@ -76,13 +76,13 @@ def test_evaluate_on_a_hand_built_dataset(tmp_path):
     # one progress line per task, in order, with the main metric at the largest dim
     assert len(lines) == 2
     assert lines[0].startswith("task 1/2 sts: spearman at 4 dims 100.00 on 3 examples (")
-    assert lines[1].startswith("task 2/2 ret: ndcg@10 at 4 dims ")
     # q1 at dim 4 ranks a (0.995) > c (0.6) > b (0): DCG = 1 + 2/log2(3), IDCG = 2 + 1/log2(3)
     ndcg_q1 = (1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3))
     # q2 ranks c (0.8) > b (0.707) > a: first relevant at rank 2
     ndcg_q2 = (1 / math.log2(3)) / 1
     retrieval = results["tasks"]["ret"]["by_dim"]["4"]
     assert retrieval["ndcg@10"] == pytest.approx(100 * (ndcg_q1 + ndcg_q2) / 2)
+    assert lines[1].startswith(f"task 2/2 ret: ndcg@10 at 4 dims {100 * (ndcg_q1 + ndcg_q2) / 2:.2f} on 2 examples (")
     assert retrieval["mrr@10"] == pytest.approx(100 * (1 + 0.5) / 2)
     assert set(results["tasks"]["ret"]["by_dim"]) == {"1", "4"}
     json_path, plot_path = write_results(results, tmp_path / "out")

@@ -513,6 +513,10 @@ def _main_mteb(parser: argparse.ArgumentParser, args) -> int:
     return 0
 
 
+def _log(line: str) -> None:
+    print(f"tpembed-eval: {line}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -542,8 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         dims = check_dims(args.dims or dims, dims)
     except ConfigError as error:
         parser.error(str(error))
-    log = lambda line: print(f"tpembed-eval: {line}", file=sys.stderr, flush=True)  # noqa: E731
-    _report({"model": name, **evaluate(encode, tasks, dims, log=log)}, args.output_dir)
+    _report({"model": name, **evaluate(encode, tasks, dims, log=_log)}, args.output_dir)
     return 0
 
 
