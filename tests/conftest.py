@@ -29,6 +29,21 @@ torch.set_flush_denormal(True)
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# The files that take longest (minutes: several processes, several runs each), longest first.
+# pytest-xdist hands out whole files (--dist loadfile) in collection order (--no-loadscope-reorder
+# in pyproject.toml), so starting with these keeps both workers busy to the end instead of
+# leaving one of them a long file after the other has finished.
+LONGEST_FIRST = [
+    "test_deepspeed.py", "test_resume.py", "test_export.py", "test_distributed.py", "test_quickstart.py",
+    "test_lora.py", "test_launch.py", "test_building_data.py", "test_modeling.py", "test_synthesize.py",
+    "test_mteb.py", "test_mining.py", "test_validation.py",
+]  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 def free_port() -> str:
     """A TCP port nobody listens on now, for a multi-process run's rendezvous."""
