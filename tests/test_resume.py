@@ -1,4 +1,5 @@
-"""Kill a run with SIGKILL anywhere, resume it, and get exactly the uninterrupted losses."""
+"""Kill a run with SIGKILL anywhere and resume it: the steps that run again give the losses they
+gave before the kill."""
 
 import contextlib
 import json
@@ -36,8 +37,8 @@ def run(cmd):
 
 
 def run_until_killed(cmd, condition, timeout=300):
-    """Start `cmd` in its own process group and SIGKILL the whole group once `condition()` holds;
-    returns what it wrote to stderr."""
+    """Start `cmd` and SIGKILL its whole process tree once `condition()` holds; returns what it
+    wrote to stderr."""
     process = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     deadline = time.time() + timeout

@@ -1,9 +1,11 @@
 """Worker for tests/test_distributed.py: loss and gradients of one micro-batch per task.
 
 Run with N processes (accelerate launch / torchrun); with N == 1 it gives the
-single-process reference. Writes OUT/<task>.safetensors with every parameter's
-gradient (after the data-parallel average) and the loss averaged over ranks.
-A third argument "gradcache" computes them with GradCache (mini-batches of 3 texts).
+single-process reference. For each mode of the third argument (comma-separated; default
+"plain"), writes OUT/<mode>/<task>.safetensors with every parameter's gradient (after the
+data-parallel average) and the loss averaged over ranks. Mode "gradcache" computes them with
+GradCache (mini-batches of 3 texts); one launch can run both modes, the second one from the
+same weights (no optimizer step is taken).
 """
 
 import contextlib
@@ -19,7 +21,7 @@ from tpembed.train.gradcache import cached_micro_step
 from tpembed.train.loop import build_accelerator, micro_step_loss
 
 
-def main(config_path: str, out_dir: str, mode: str = "plain") -> None:
+def main(config_path: str, out_dir: str, modes: str = "plain") -> None:
     torch.set_flush_denormal(True)
     config = load_config(["--config", config_path])
     accelerator = build_accelerator(config)
@@ -31,6 +33,14 @@ def main(config_path: str, out_dir: str, mode: str = "plain") -> None:
     objective = build.build_objective(config)
     model = accelerator.prepare(encoder)
     model.train()
+    for mode in modes.split(","):
+        gradients(accelerator, model, objective, batches, mode, Path(out_dir) / mode)
+    accelerator.wait_for_everyone()
+
+
+def gradients(accelerator, model, objective, batches, mode: str, out_dir: Path) -> None:
+    """Loss and gradients of the first micro-batch of each task, written to out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     done = set()
     for step in range(100):
         batch = batches.micro_batch(step, 0)
@@ -56,10 +66,9 @@ def main(config_path: str, out_dir: str, mode: str = "plain") -> None:
                 if p.grad is not None
             }
             grads["__loss__"] = mean_loss.reshape(1)
-            save_file(grads, str(Path(out_dir) / f"{batch.task.value}.safetensors"))
+            save_file(grads, str(out_dir / f"{batch.task.value}.safetensors"))
         if len(done) == 3:
             break
-    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
