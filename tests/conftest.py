@@ -78,6 +78,33 @@ def openai_test_server(folder: Path, replies: dict, log: Path | None = None):
         process.wait(timeout=10)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tokenizers_loaded_once():
+    """In-process runs, embedders and evaluations load the same tokenizers again and again (the
+    151k-token Qwen vocabulary takes 3-4 s each time): within a test worker each (source,
+    padding side) is loaded once and shared. A tokenizer that was given a new token (a
+    placeholder) is loaded afresh for the next caller, and the padding side is set on every hand-out.
+    Loading itself is tested directly and in every subprocess."""
+    from tpembed.modeling import backbone
+    from tpembed.train import build, embedder
+
+    loaded = {}
+
+    def shared(source, padding_side="left", trust_remote_code=False):
+        key = (source, padding_side, trust_remote_code)
+        if key not in loaded or len(loaded[key][0]) != loaded[key][1]:
+            tokenizer = backbone.load_tokenizer(source, padding_side, trust_remote_code)
+            loaded[key] = (tokenizer, len(tokenizer))
+        tokenizer = loaded[key][0]
+        tokenizer.padding_side = padding_side
+        return tokenizer
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(build, "load_tokenizer", shared)
+        patch.setattr(embedder, "load_tokenizer", shared)
+        yield
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer_session():
     from tpembed.modeling import QWEN_TOKENIZER, load_tokenizer

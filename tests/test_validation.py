@@ -18,26 +18,6 @@ from tpembed.train.validate import validate_run
 QUICKSTART = REPO / "configs/quickstart/stage1.yaml"
 
 
-@pytest.fixture(autouse=True)
-def load_tokenizer_once(monkeypatch):
-    """Every test here starts a run twice (the validate checks, then the loop): the tokenizer,
-    3-4 s to load, is loaded once per source and padding side in this module and shared, unless
-    a test has added a token to it."""
-    from tpembed.train import build
-
-    def shared(source, *args, _load=build.load_tokenizer):
-        key = (source, *args)
-        if key not in LOADED or len(LOADED[key][0]) != LOADED[key][1]:
-            tokenizer = _load(source, *args)
-            LOADED[key] = (tokenizer, len(tokenizer))
-        return LOADED[key][0]
-
-    monkeypatch.setattr(build, "load_tokenizer", shared)
-
-
-LOADED = {}
-
-
 def digest(run_dir):
     """sha256 of every file under checkpoints/."""
     return {
