@@ -67,7 +67,9 @@ def test_zero3_checkpoint_exports_reloads_and_resumes(runs, tmp_path):
     again = tmp_path / "again"
     shutil.copytree(run_dir, again)
     shutil.rmtree(again / "checkpoints/step-00000002")
+    saved = (again / "checkpoints/step-00000001/COMPLETE").read_text()
     resumed = launch(again, "--resume-from", "auto", "--grad-cache", "true", "--grad-cache-rows", "5", zero=3)
+    assert (again / "checkpoints/step-00000001/COMPLETE").read_text() == saved, "step 1 was not run again"
     assert [r["step"] for r in resumed] == [1, 2]
     assert (resumed[1]["dataset"], resumed[1]["lr"]) == (first[1]["dataset"], first[1]["lr"])
     assert resumed[1]["loss"] == pytest.approx(first[1]["loss"], rel=1e-6)
