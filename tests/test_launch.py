@@ -37,10 +37,10 @@ def test_slurm_script_is_valid_bash():
     assert "--machine_rank" in (LAUNCH / "slurm_multinode.sh").read_text()
 
 
-# every launch file is started by a test, as the README shows it: the DeepSpeed files and
-# multi_gpu.yaml in test_deepspeed.py (with loss checks), the others here
-LAUNCHED_IN_TEST_DEEPSPEED = {"multi_gpu.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
-                              "deepspeed_zero3_offload.yaml"}  # fmt: skip
+# every launch file is started by a test, as the README shows it: the DeepSpeed files in
+# test_deepspeed.py and multi_gpu.yaml in test_resume.py (with loss checks), the others here
+LAUNCHED_IN_TEST_DEEPSPEED = {"deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "deepspeed_zero3_offload.yaml"}
+LAUNCHED_IN_TEST_RESUME = {"multi_gpu.yaml"}
 # what two CPU processes on one machine need changed in each file, and nothing else
 CPU_OVERRIDES = {
     "single_gpu.yaml": [],
@@ -58,9 +58,10 @@ CPU_OVERRIDES = {
 
 
 def test_every_launch_file_is_launched_by_a_test():
-    assert {p.name for p in LAUNCH.glob("*.yaml")} == LAUNCHED_IN_TEST_DEEPSPEED | set(CPU_OVERRIDES)
-    deepspeed_tests = (REPO / "tests" / "test_deepspeed.py").read_text()
-    assert 'f"launch/deepspeed_zero{zero}.yaml"' in deepspeed_tests and '"launch/multi_gpu.yaml"' in deepspeed_tests
+    launched = LAUNCHED_IN_TEST_DEEPSPEED | LAUNCHED_IN_TEST_RESUME | set(CPU_OVERRIDES)
+    assert {p.name for p in LAUNCH.glob("*.yaml")} == launched
+    assert 'f"launch/deepspeed_zero{zero}.yaml"' in (REPO / "tests" / "test_deepspeed.py").read_text()
+    assert '"launch/multi_gpu.yaml"' in (REPO / "tests" / "test_resume.py").read_text()
 
 
 @pytest.mark.parametrize("name", sorted(CPU_OVERRIDES))

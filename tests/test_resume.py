@@ -22,9 +22,12 @@ COMMON = ["--max-steps", "10", "--save-every", "3", "--warmup-steps", "2", "--ba
 
 
 def command(script, config, run_dir, processes, *flags):
+    """Two processes start from the shipped launch/multi_gpu.yaml, as the README shows (only the
+    process count and the port change)."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
     if processes > 1:
-        launcher += ["--multi_gpu", "--main_process_port", free_port()]
+        launcher[3:3] = ["--config_file", str(REPO / "launch/multi_gpu.yaml")]
+        launcher += ["--main_process_port", free_port()]
     return [*launcher, str(REPO / "train" / script), "--config", str(config), "--output-dir", str(run_dir),
             *COMMON, *flags]  # fmt: skip
 
