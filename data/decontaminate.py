@@ -43,7 +43,8 @@ side of a pair, a classification text). With --drop-field-only, a retrieval reco
 matches are hard negatives keeps its place and loses just those negatives.
 
 Outputs in --output-dir: one file per training file, with its name (a parquet file or a
-directory becomes NAME.jsonl), holding the kept records; decontamination_report.jsonl, one line
+directory becomes NAME.jsonl; files of the same name, such as two datasets' train.jsonl, go
+under their folders' names: stsb_zh/train.jsonl), holding the kept records; decontamination_report.jsonl, one line
 per removed record or dropped negative ({source, field, rule, eval, eval_field, train_text,
 eval_text, action}); decontamination_summary.json, the counts also printed at the end. Every
 output is written atomically, all of them only when every file was read without error, and an
@@ -567,10 +568,19 @@ def output_name(train_path: str | Path) -> str:
 
 
 def _plan_outputs(train_paths: Sequence[str | Path], output_dir: Path, overwrite: bool) -> dict[str, Path]:
-    """Training source -> output path, refusing clashes, inputs as outputs and existing files."""
+    """Training source -> output path, refusing clashes, inputs as outputs and existing files.
+    Sources that share a name (the train.jsonl of several datasets) are written under their
+    folder's name: stsb_zh/train.jsonl -> OUTPUT_DIR/stsb_zh/train.jsonl."""
+    sources = list(map(str, train_paths))
+    if len(set(sources)) < len(sources):
+        raise UsageError(f"{next(s for s in sources if sources.count(s) > 1)}: given twice")
+    names = {source: output_name(source) for source in sources}
+    shared = {name for name in names.values() if list(names.values()).count(name) > 1}
     targets: dict[str, Path] = {}
-    for source in map(str, train_paths):
-        target = output_dir / output_name(source)
+    for source, name in names.items():
+        if name in shared:
+            name = f"{Path(source).resolve().parent.name}/{name}"
+        target = output_dir / name
         if target.name in (REPORT_NAME, SUMMARY_NAME) or target in targets.values():
             raise UsageError(f"{source}: its output {target} clashes with another output; rename the file")
         if target.resolve() == Path(source).resolve():

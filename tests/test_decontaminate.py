@@ -321,8 +321,22 @@ def test_usage_errors(tmp_path, eval_sources, train_files):
     out = ["--output-dir", str(tmp_path / "o"), "--no-progress"]
     assert main([str(train_files["sts"]), *out]) == 2, "no evaluation data"
     assert main([str(train_files["sts"]), "--eval", str(eval_sources[0]), "--minhash", "1.5", *out]) == 2
-    other = write_jsonl(tmp_path / "elsewhere" / "sts.jsonl", [STS_ROWS[0][0]])
-    assert main([str(train_files["sts"]), str(other), "--eval", str(eval_sources[0]), *out]) == 2, "same name"
+    assert main([str(train_files["sts"]), str(train_files["sts"]), "--eval", str(eval_sources[0]), *out]) == 2
+    twins = [write_jsonl(tmp_path / folder / "same" / "sts.jsonl", [STS_ROWS[0][0]]) for folder in ("a", "b")]
+    assert main([*map(str, twins), "--eval", str(eval_sources[0]), *out]) == 2, "same file and folder names"
+
+
+def test_files_of_the_same_name_go_under_their_folders(tmp_path, eval_sources):
+    """Two datasets' train.jsonl: each output under its folder's name, each with its own records."""
+    rows = [record for record, _ in STS_ROWS]
+    clean = [record for record, expected in STS_ROWS if expected is None]
+    first = write_jsonl(tmp_path / "stsb" / "train.jsonl", rows)
+    second = write_jsonl(tmp_path / "sick" / "train.jsonl", rows[3:])
+    unique = write_jsonl(tmp_path / "other" / "nli.jsonl", rows[:2])
+    decontaminate([first, second, unique], eval_sources, tmp_path / "out")
+    assert read_jsonl(tmp_path / "out/stsb/train.jsonl") == clean
+    assert read_jsonl(tmp_path / "out/sick/train.jsonl") == rows[3:]
+    assert read_jsonl(tmp_path / "out/nli.jsonl") == rows[:1]
 
 
 def test_real_stsb_dev_lines_planted_in_train(tmp_path):
