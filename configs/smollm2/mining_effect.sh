@@ -41,7 +41,7 @@ data:
     - {name: cmrc2018, path: $OUT/data/cmrc_$name.jsonl, instruction: "$CMRC_INSTRUCTION"}
 YAML
   [ -f "$OUT/$name/checkpoints/step-$(printf %08d "$STEPS")/COMPLETE" ] || step accelerate launch --num_processes 1 \
-    train/stage1.py --config configs/smollm2/stage1.yaml --config "$OUT/$name.yaml" --max-steps "$STEPS" \
+    train/stage1.py --config configs/smollm2/v1/stage1.yaml --config "$OUT/$name.yaml" --max-steps "$STEPS" \
     --save-every "$STEPS" --output-dir "$OUT/$name" --report-to none --progress-bar false
   [ -f "$OUT/eval_$name/results.json" ] || step tpembed-eval "$OUT/$name" --tasks configs/eval/mining_effect.yaml \
     --passage-max-len 256 --output-dir "$OUT/eval_$name" --no-progress

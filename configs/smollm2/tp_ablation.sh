@@ -63,14 +63,14 @@ YAML
 for seed in $SEEDS; do
   [ -f "$RESULTS/eval_tp_1_7_seed$seed.json" ] && [ -f "$RESULTS/eval_tp_none_seed$seed.json" ] && continue
   if [ "$STAGE1" = "$OUT/stage1" ] && ! done_step "$STAGE1" "$STAGE1_STEPS"; then
-    step python -m accelerate.commands.launch --num_processes 1 train/stage1.py --config configs/smollm2/stage1.yaml \
+    step python -m accelerate.commands.launch --num_processes 1 train/stage1.py --config configs/smollm2/v1/stage1.yaml \
       --config "$OUT/stage1.yaml" --max-steps "$STAGE1_STEPS" --save-every 10 --keep-last 1 --resume-from auto \
       --output-dir "$STAGE1" --report-to none --progress-bar false
   fi
   for tp in 1-7 none; do
     name=tp_${tp/-/_}_seed$seed
     done_step "$OUT/$name" "$STEPS" || step python -m accelerate.commands.launch \
-      --num_processes 1 train/stage2.py --config configs/smollm2/stage2.yaml --config "$OUT/stage2.yaml" \
+      --num_processes 1 train/stage2.py --config configs/smollm2/v1/stage2.yaml --config "$OUT/stage2.yaml" \
       --init-from "$STAGE1" --tp-layers "$tp" --seed "$seed" --max-steps "$STEPS" --save-every 8 --keep-last 1 \
       --resume-from auto --warmup-steps 3 --output-dir "$OUT/$name" --report-to none --progress-bar false
     [ -f "$OUT/eval_$name/results.json" ] || step tpembed-eval "$OUT/$name" --tasks configs/eval/mining_effect.yaml \
