@@ -21,5 +21,6 @@ if [ ! -d "$OUT/all-MiniLM-L6-v2" ]; then
 fi
 step tpembed-eval "$OUT/all-MiniLM-L6-v2" --tasks configs/eval/smollm2_dev.yaml --no-progress \
   --output-dir "$OUT/eval_all-MiniLM-L6-v2"
-# 3. the table: one row each, every task at the largest dim
+# 3. the tables: one row each, every task at the largest dim; the recipe at every Matryoshka dim
 python configs/smollm2/tables.py --compare "$OUT/eval" "$OUT/eval_all-MiniLM-L6-v2"
+python configs/smollm2/tables.py --dims "$OUT/eval"

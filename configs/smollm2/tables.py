@@ -2,6 +2,7 @@
 
 python configs/smollm2/tables.py            # reads runs/smollm2/results/* and runs/smollm2/eval
 python configs/smollm2/tables.py --compare DIR...   # one row per evaluation directory
+python configs/smollm2/tables.py --dims DIR         # one evaluation at every Matryoshka dim
 python configs/smollm2/tables.py --seeds DIR        # the TP ablation of tp_ablation.sh: mean and spread
 """
 
@@ -46,12 +47,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/smollm2", type=Path)
     parser.add_argument("--compare", nargs="+", type=Path, help="evaluation directories, one row each")
+    parser.add_argument("--dims", type=Path, help="one evaluation directory: every task at every dim")
     parser.add_argument(
         "--seeds", type=Path, help="tp_ablation.sh results: eval_tp_<setting>_seed<n>.json files or eval directories"
     )
     args = parser.parse_args()
     if args.compare:
         compare(args.compare)
+        return
+    if args.dims:
+        every_dim(load(args.dims) or parser.error(f"{args.dims}: no results.json"))
         return
     if args.seeds:
         seeds(args.seeds)
@@ -68,17 +73,21 @@ def main() -> None:
         for label, results in loaded:
             dim = max(results["dims"]) if results else "n/a"
             print(f"| {label} | {dim} | " + " | ".join(cell(results, t) for t in tasks) + " |")
-    final = loaded[-1][1]
-    if final:
-        dims = final["dims"]
+    if loaded[-1][1]:
         print("\n### Final model at every Matryoshka dim\n")
-        print("| task | " + " | ".join(str(d) for d in dims) + " | 256 vs full |")
-        print("|---|" + "---:|" * (len(dims) + 1))
-        for task, entry in final["tasks"].items():
-            metric = entry["main_metric"]
-            values = [entry["by_dim"][str(d)][metric] for d in dims]
-            gap = entry["by_dim"]["256"][metric] - values[-1] if "256" in entry["by_dim"] else float("nan")
-            print(f"| {task} ({metric}) | " + " | ".join(f"{v:.2f}" for v in values) + f" | {gap:+.2f} |")
+        every_dim(loaded[-1][1])
+
+
+def every_dim(results: dict) -> None:
+    """One row per task: the main metric at every dim, and 256 dims minus the largest."""
+    dims = results["dims"]
+    print("| task | " + " | ".join(str(d) for d in dims) + " | 256 vs full |")
+    print("|---|" + "---:|" * (len(dims) + 1))
+    for task, entry in results["tasks"].items():
+        metric = entry["main_metric"]
+        values = [entry["by_dim"][str(d)][metric] for d in dims]
+        gap = entry["by_dim"]["256"][metric] - values[-1] if "256" in entry["by_dim"] else float("nan")
+        print(f"| {task} ({metric}) | " + " | ".join(f"{v:.2f}" for v in values) + f" | {gap:+.2f} |")
 
 
 def compare(directories: list[Path]) -> None:
