@@ -38,3 +38,14 @@ def test_every_dataset_of_a_recipe_exists_or_is_prepared(name):
         for source in inputs:
             if not source.startswith("../shared/data/") or SHARED_DATA.is_dir():
                 assert (REPO / source).exists(), f"{name}: {source}"
+
+
+def test_prepare_only_runs_the_data_steps_and_trains_nothing(monkeypatch):
+    from tpembed.train import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "data_steps", lambda steps: calls.append(("data", len(steps))))
+    monkeypatch.setattr(pipeline, "train_stage", lambda *args: calls.append(("train",)) or ("run", 0.0))
+    monkeypatch.setattr(pipeline, "run", lambda *args: calls.append(("run",)) or 0.0)
+    assert pipeline.main(["--recipe", "smollm2", "--prepare-only"]) == 0
+    assert calls == [("data", len(RECIPES["smollm2"]["prepare"]))]

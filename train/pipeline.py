@@ -2,6 +2,7 @@
 
     tpembed-pipeline --recipe quickstart     # tiny Qwen3, bundled sample, CPU, minutes
     tpembed-pipeline --recipe smollm2        # SmolLM2-135M on public datasets (configs/smollm2), CPU, ~2.5 hours
+    tpembed-pipeline --recipe smollm2 --prepare-only   # its data steps only (convert, decontaminate)
     tpembed-pipeline --stage1 A.yaml --stage2 B.yaml --tasks configs/eval/english_dev.yaml \\
         --output-dir runs/mine --launch-config launch/multi_gpu.yaml
 
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", action="append", default=[], help="evaluation task files")
     parser.add_argument("--output-dir", help="where the export and the evaluation go")
     parser.add_argument("--launch-config", help="accelerate config file for the training steps")
+    parser.add_argument("--prepare-only", action="store_true", help="run the recipe's data steps, then stop")
     args = parser.parse_args(argv)
     recipe = dict(RECIPES[args.recipe]) if args.recipe else {"prepare": []}
     for key in ("stage1", "stage2", "output_dir"):
@@ -136,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(recipe["output_dir"])
     timings = {}
     data_steps(recipe["prepare"])
+    if args.prepare_only:
+        print(f"data ready ({len(recipe['prepare'])} data steps); --prepare-only: nothing trained")
+        return 0
     stage1_dir, timings["stage1_s"] = train_stage("stage1", recipe["stage1"], 1, launcher, [])
     stage2_dir, timings["stage2_s"] = train_stage("stage2", recipe["stage2"], 2, launcher, ["--init-from", stage1_dir])
     export_dir = output_dir / "export"
