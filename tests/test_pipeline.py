@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, SHARED_DATA
 from tpembed.train.config import STAGE_DEFAULTS, load_config
@@ -49,3 +50,19 @@ def test_prepare_only_runs_the_data_steps_and_trains_nothing(monkeypatch):
     monkeypatch.setattr(pipeline, "run", lambda *args: calls.append(("run",)) or 0.0)
     assert pipeline.main(["--recipe", "smollm2", "--prepare-only"]) == 0
     assert calls == [("data", len(RECIPES["smollm2"]["prepare"]))]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_a_recipe_that_decontaminates_cleans_against_every_file_it_evaluates_on(name):
+    recipe = RECIPES[name]
+    cleaned_against = set()
+    for _, (module, *arguments) in recipe["prepare"]:
+        if module == "tpembed.data.decontaminate":
+            cleaned_against |= set(arguments[arguments.index("--eval") + 1 : arguments.index("--output-dir")])
+    if not cleaned_against:
+        pytest.skip(f"{name} has no decontamination step")
+    for tasks_file in recipe["tasks"]:
+        for task in yaml.safe_load((REPO / tasks_file).read_text())["tasks"]:
+            # classification / clustering read DIR/<split>.jsonl (DIR/train.jsonl fits the classifier)
+            evaluated = f"{task['path']}/{task['split']}.jsonl" if "split" in task else task["path"]
+            assert evaluated in cleaned_against, f"{name}: {task['name']} ({evaluated}) is not cleaned against"
