@@ -44,11 +44,11 @@ matches are hard negatives keeps its place and loses just those negatives.
 
 Outputs in --output-dir: one file per training file, with its name (a parquet file or a
 directory becomes NAME.jsonl; files of the same name, such as two datasets' train.jsonl, go
-under their folders' names: stsb_zh/train.jsonl), holding the kept records; decontamination_report.jsonl, one line
-per removed record or dropped negative ({source, field, rule, eval, eval_field, train_text,
-eval_text, action}); decontamination_summary.json, the counts also printed at the end. Every
-output is written atomically, all of them only when every file was read without error, and an
-existing one is refused unless --overwrite.
+under their folders' names: stsb_zh/train.jsonl), holding the kept records;
+decontamination_report.jsonl, one line per removed record or dropped negative ({source, field,
+rule, eval, eval_field, train_text, eval_text, action}); decontamination_summary.json, the
+counts also printed at the end. Every output is written atomically, all of them only when every
+file was read without error, and an existing one is refused unless --overwrite.
 
 Exit codes: 0 done, 1 a data error (the message names file:line and field), 2 a usage error.
 """
