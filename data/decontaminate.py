@@ -572,10 +572,11 @@ def _plan_outputs(train_paths: Sequence[str | Path], output_dir: Path, overwrite
     Sources that share a name (the train.jsonl of several datasets) are written under their
     folder's name: stsb_zh/train.jsonl -> OUTPUT_DIR/stsb_zh/train.jsonl."""
     sources = list(map(str, train_paths))
-    if len(set(sources)) < len(sources):
-        raise UsageError(f"{next(s for s in sources if sources.count(s) > 1)}: given twice")
+    twice = [source for source, count in Counter(sources).items() if count > 1]
+    if twice:
+        raise UsageError(f"{twice[0]}: given twice")
     names = {source: output_name(source) for source in sources}
-    shared = {name for name in names.values() if list(names.values()).count(name) > 1}
+    shared = {name for name, count in Counter(names.values()).items() if count > 1}
     targets: dict[str, Path] = {}
     for source, name in names.items():
         if name in shared:

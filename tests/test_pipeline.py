@@ -10,18 +10,23 @@ from tpembed.train.config import STAGE_DEFAULTS, load_config
 from tpembed.train.pipeline import RECIPES
 
 
+def decontaminations(steps):
+    """(training files, evaluation files, output dir) of each tpembed-decontaminate data step."""
+    for _, (module, *arguments) in steps:
+        if module == "tpembed.data.decontaminate":
+            evaluation, output = arguments.index("--eval"), arguments.index("--output-dir")
+            yield arguments[:evaluation], arguments[evaluation + 1 : output], arguments[output + 1]
+
+
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_dataset_of_a_recipe_exists_or_is_prepared(name):
     recipe = RECIPES[name]
     steps = recipe["prepare"]
     prepared = {creates for creates, _ in steps}
-    for _, (module, *arguments) in steps:  # decontaminate writes OUTPUT_DIR/<name of each training file>
-        if module == "tpembed.data.decontaminate":
-            output_dir = arguments[arguments.index("--output-dir") + 1]
-            sources = arguments[: arguments.index("--eval")]
-            assert len({Path(source).name for source in sources}) == len(sources), "one output name per file"
-            prepared |= {f"{output_dir}/{Path(source).name}" for source in sources}
-            assert sources and set(sources) <= {creates for creates, _ in steps}, "it cleans prepared files"
+    for sources, _, output_dir in decontaminations(steps):  # it writes OUTPUT_DIR/<each file's name>
+        assert len({Path(source).name for source in sources}) == len(sources), "one output name per file"
+        prepared |= {f"{output_dir}/{Path(source).name}" for source in sources}
+        assert sources and set(sources) <= {creates for creates, _ in steps}, "it cleans prepared files"
     for stage in (1, 2):
         config = load_config(["--config", str(REPO / recipe[f"stage{stage}"])], base=STAGE_DEFAULTS[stage])
         for dataset in config.data.datasets:
@@ -55,10 +60,7 @@ def test_prepare_only_runs_the_data_steps_and_trains_nothing(monkeypatch):
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_a_recipe_that_decontaminates_cleans_against_every_file_it_evaluates_on(name):
     recipe = RECIPES[name]
-    cleaned_against = set()
-    for _, (module, *arguments) in recipe["prepare"]:
-        if module == "tpembed.data.decontaminate":
-            cleaned_against |= set(arguments[arguments.index("--eval") + 1 : arguments.index("--output-dir")])
+    cleaned_against = {path for _, evaluation, _ in decontaminations(recipe["prepare"]) for path in evaluation}
     if not cleaned_against:
         pytest.skip(f"{name} has no decontamination step")
     for tasks_file in recipe["tasks"]:
