@@ -68,3 +68,39 @@ def test_a_recipe_that_decontaminates_cleans_against_every_file_it_evaluates_on(
             # classification / clustering read DIR/<split>.jsonl (DIR/train.jsonl fits the classifier)
             evaluated = f"{task['path']}/{task['split']}.jsonl" if "split" in task else task["path"]
             assert evaluated in cleaned_against, f"{name}: {task['name']} ({evaluated}) is not cleaned against"
+
+
+def test_a_data_step_runs_when_its_file_is_missing_or_older_than_what_it_reads(tmp_path, monkeypatch):
+    import os
+
+    from tpembed.train import pipeline
+
+    source, folder = tmp_path / "source.jsonl", tmp_path / "eval"
+    (folder / "sub").mkdir(parents=True)
+    source.write_text("a\n")
+    (folder / "sub" / "queries.jsonl").write_text("q\n")
+    output_dir = tmp_path / "clean"
+    creates = output_dir / "summary.json"
+    ran = []
+
+    def fake_run(command, description):
+        ran.append(description)
+        output_dir.mkdir(exist_ok=True)
+        creates.write_text("{}")
+        os.utime(creates, (1000, 1000))
+        return 0.0
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    for path in (source, folder / "sub" / "queries.jsonl"):
+        os.utime(path, (500, 500))
+    step = [(str(creates), ["tpembed.data.decontaminate", str(source), "--eval", str(folder),
+                             "--output-dir", str(output_dir)])]  # fmt: skip
+    pipeline.data_steps(step)  # missing
+    pipeline.data_steps(step)  # newer than both inputs (its own folder does not count)
+    assert len(ran) == 1 and "missing" in ran[0]
+    os.utime(folder / "sub" / "queries.jsonl", (2000, 2000))  # a file inside an input folder changed
+    pipeline.data_steps(step)
+    assert len(ran) == 2 and "older than its inputs" in ran[1]
+    os.utime(source, (3000, 3000))
+    pipeline.data_steps(step)
+    assert len(ran) == 3

