@@ -86,8 +86,8 @@ def every_dim(results: dict) -> None:
     for task, entry in results["tasks"].items():
         metric = entry["main_metric"]
         values = [entry["by_dim"][str(d)][metric] for d in dims]
-        gap = entry["by_dim"]["256"][metric] - values[-1] if "256" in entry["by_dim"] else float("nan")
-        print(f"| {task} ({metric}) | " + " | ".join(f"{v:.2f}" for v in values) + f" | {gap:+.2f} |")
+        gap = f"{entry['by_dim']['256'][metric] - values[-1]:+.2f}" if "256" in entry["by_dim"] else "n/a"
+        print(f"| {task} ({metric}) | " + " | ".join(f"{v:.2f}" for v in values) + f" | {gap} |")
 
 
 def compare(directories: list[Path]) -> None:
