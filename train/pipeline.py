@@ -74,11 +74,13 @@ def _smollm2_prepare() -> list:
         target = f"{RAW}/{name}.jsonl"
         # CMRC 2018 trial has two empty questions, which training refuses: drop-empty copies the rest
         module = "tpembed.data.prepare" if kind == "drop-empty" else "tpembed.data.convert"
-        flags = flags if kind == "drop-empty" else ["--no-provenance", *flags]
+        # a step runs again only when its output is stale, so replacing that output is right
+        flags = flags if kind == "drop-empty" else ["--no-provenance", "--overwrite", *flags]
         steps.append((target, [module, kind, f"{SHARED}/{source}", target, *flags]))
     raw = [f"{RAW}/{name}.jsonl" for _, _, name, _ in SMOLLM2_SOURCES]
     evaluation = [f"{SHARED}/{path}" for path in SMOLLM2_EVAL]
-    decontaminate = ["tpembed.data.decontaminate", *raw, "--eval", *evaluation, "--output-dir", CLEAN, "--no-progress"]
+    decontaminate = ["tpembed.data.decontaminate", *raw, "--eval", *evaluation, "--output-dir", CLEAN]
+    decontaminate += ["--no-progress", "--overwrite"]
     steps.append((f"{CLEAN}/decontamination_summary.json", decontaminate))
     return steps
 
