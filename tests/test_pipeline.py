@@ -40,6 +40,8 @@ def test_every_dataset_of_a_recipe_exists_or_is_prepared(name):
             assert bundled, f"{name} stage {stage}: {dataset.path} is neither bundled (data/) nor prepared"
     for creates, (module, *arguments) in steps:
         assert module.startswith("tpembed.") and any(creates.startswith(a) for a in arguments), creates
+        if module in ("tpembed.data.convert", "tpembed.data.decontaminate"):  # they refuse an existing output
+            assert "--overwrite" in arguments, f"{creates}: a stale step could not run again"
         inputs = [a for a in arguments if a.startswith(("../shared/data/", "data/", "configs/"))]
         for source in inputs:
             if not source.startswith("../shared/data/") or SHARED_DATA.is_dir():
