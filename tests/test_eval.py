@@ -266,3 +266,70 @@ def test_dev_sets_are_evaluated_during_training(tmp_path):
     logged = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in logged] == [2]
     assert {f"eval/dev/spearman@{d}" for d in (128, 1792)} <= set(logged[0])
+
+
+def test_an_interrupted_evaluation_continues_with_the_tasks_it_had_not_finished(
+    quickstart_stage2, tmp_path, monkeypatch
+):
+    from tpembed.train import eval as evaluation
+
+    run_dir, _ = quickstart_stage2
+    rows = [("a cat sits", "a cat is sitting", 4.0), ("a cat sits", "stocks fell", 0.0), ("go", "went", 3.0)]
+    for name in ("first", "second", "third"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "dev.jsonl").write_text(
+            "\n".join(json.dumps({"sentence1": a, "sentence2": b, "score": s}) for a, b, s in rows)
+        )
+    tasks = [flag for name in ("first", "second", "third") for flag in ("--sts", str(tmp_path / name / "dev.jsonl"))]
+    common = [str(run_dir), *tasks, "--dims", "256", "1792", "--no-progress"]
+    out, partial = tmp_path / "out", tmp_path / "out" / evaluation.PARTIAL_NAME
+    real, evaluated = evaluation.evaluate_task, []
+
+    def interrupted_at_third(encode, task, dims, data=None):
+        if task.name == "third/dev":
+            raise KeyboardInterrupt
+        evaluated.append(task.name)
+        return real(encode, task, dims, data)
+
+    monkeypatch.setattr(evaluation, "evaluate_task", interrupted_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        main([*common, "--output-dir", str(out)])
+    assert not (out / "results.json").exists() and evaluated == ["first/dev", "second/dev"]
+    assert set(json.loads(partial.read_text())["tasks"]) == {"first/dev", "second/dev"}
+
+    # the second file's data changed: the re-run keeps only the first task
+    (tmp_path / "second/dev.jsonl").write_text(
+        "\n".join(json.dumps({"sentence1": a, "sentence2": b, "score": 4.0 - s}) for a, b, s in rows)
+    )
+    monkeypatch.setattr(evaluation, "evaluate_task", lambda *a, **k: evaluated.append(a[1].name) or real(*a, **k))
+    evaluated.clear()
+    assert main([*common, "--output-dir", str(out)]) == 0
+    assert evaluated == ["second/dev", "third/dev"] and not partial.exists()
+    continued = json.loads((out / "results.json").read_text())
+
+    evaluated.clear()
+    assert main([*common, "--output-dir", str(tmp_path / "whole")]) == 0
+    assert evaluated == ["first/dev", "second/dev", "third/dev"]
+    assert continued == json.loads((tmp_path / "whole/results.json").read_text())
+    # the second file was reversed, so its Spearman changed sign: the re-run did read the new data
+    second = continued["tasks"]["second/dev"]["by_dim"]["1792"]["spearman"]
+    first = continued["tasks"]["first/dev"]["by_dim"]["1792"]["spearman"]
+    assert second == pytest.approx(-first)
+
+
+def test_partial_results_are_not_reused_for_other_dims_or_with_fresh(quickstart_stage2, tmp_path, monkeypatch):
+    from tpembed.train import eval as evaluation
+
+    run_dir, _ = quickstart_stage2
+    sts = tmp_path / "sts.jsonl"
+    sts.write_text(json.dumps({"sentence1": "a", "sentence2": "b", "score": 1.0}) + "\n")
+    common = [str(run_dir), "--sts", str(sts), "--no-progress", "--output-dir", str(tmp_path / "out")]
+    real, evaluated = evaluation.evaluate_task, []
+    monkeypatch.setattr(evaluation, "evaluate_task", lambda *a, **k: evaluated.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(evaluation.PartialResults, "finish", lambda self: None)  # the file stays, as after a crash
+    assert main([*common, "--dims", "256"]) == 0
+    assert (tmp_path / "out" / evaluation.PARTIAL_NAME).exists()
+    assert main([*common, "--dims", "256", "1792"]) == 0  # other dims: evaluated again
+    assert main([*common, "--dims", "256", "1792"]) == 0  # same: kept
+    assert main([*common, "--dims", "256", "1792", "--fresh"]) == 0
+    assert evaluated == [[256], [256, 1792], [256, 1792]]

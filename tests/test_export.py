@@ -228,3 +228,19 @@ def test_a_bad_instruction_table_fails_before_the_checkpoint_is_read(tmp_path, c
         main([missing, str(tmp_path / "out"), "--language", "fr"])
     assert "no default instructions for language 'fr'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_exporting_the_same_run_again_writes_the_same_model_files(exports, tmp_path):
+    """tpembed-pipeline re-exports before it evaluates; tpembed-eval keeps the tasks of an
+    interrupted evaluation only while the model's files hash the same, so export is deterministic."""
+    from tpembed.train.eval import MODEL_FILE_SUFFIXES, files_digest
+
+    run_dir, first = exports["stage1"]
+    again = tmp_path / "again"
+    export(run_dir, again, query_instruction=INSTRUCTION)
+    names = sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.suffix in MODEL_FILE_SUFFIXES)
+    assert names and names == sorted(
+        p.relative_to(again).as_posix() for p in again.rglob("*") if p.suffix in MODEL_FILE_SUFFIXES
+    )
+    assert any(name.endswith(".safetensors") for name in names)
+    assert files_digest(first, MODEL_FILE_SUFFIXES) == files_digest(again, MODEL_FILE_SUFFIXES)

@@ -27,17 +27,23 @@ Tasks:
   embeddings sliced to each dim and normalised, like the other tasks.
 
 Writes results.json and a plot of the main score against the dim (dims.png) to
---output-dir, and prints a table. With --mteb, mteb runs its own tasks through
-tpembed.train.mteb_adapter (prompts by task type and name, --instruction /
---instructions / --language for runs), files its results under the run's name in
-mteb's cache (OUTPUT_DIR/mteb with --output-dir) and adds a summary line for the
-model card.
+--output-dir, and prints a table. With --output-dir, every finished task is also
+kept in OUTPUT_DIR/results.partial.json: a re-run of the same command reuses those
+tasks and evaluates only the rest, as long as the model's files, the encoding flags,
+the dims and each task's settings and data files are unchanged (--fresh ignores them).
+
+With --mteb, mteb runs its own tasks through tpembed.train.mteb_adapter (prompts by
+task type and name, --instruction / --instructions / --language for runs), files its
+results under the run's name in mteb's cache (OUTPUT_DIR/mteb with --output-dir) and
+adds a summary line for the model card.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -48,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from tpembed.data.formats import iter_rows
+from tpembed.data.io import atomic_path
 from tpembed.modeling import DEFAULT_MRL_DIMS
 from tpembed.modeling.token_prepending import parse_tp_layers
 from tpembed.train.config import ConfigError, EvalTaskConfig, load_eval_tasks
@@ -226,22 +233,108 @@ def evaluate(
     dims: list[int],
     loaded: dict | None = None,
     log: Callable[[str], None] | None = None,
+    done: dict[str, dict] | None = None,
+    on_task: Callable[[str, dict], None] | None = None,
 ) -> dict:
     """Scores of every task; `log` gets one line per finished task (its main metric at the
-    largest dim and the seconds it took), so a long evaluation shows where it is."""
-    loaded = loaded or {}
+    largest dim and the seconds it took), so a long evaluation shows where it is. Tasks named
+    in `done` take that result instead of being evaluated; `on_task(name, result)` is called
+    after each evaluated task (to keep partial results)."""
+    loaded, done = loaded or {}, done or {}
     scores = {}
     for index, task in enumerate(tasks, 1):
         start = time.perf_counter()
-        scores[task.name] = result = evaluate_task(encode, task, dims, loaded.get(task.name))
+        reused = task.name in done
+        result = done[task.name] if reused else evaluate_task(encode, task, dims, loaded.get(task.name))
+        scores[task.name] = result
+        if on_task is not None and not reused:
+            on_task(task.name, result)
         if log is not None:
             top = str(max(dims))
+            took = "kept from an earlier run" if reused else f"{time.perf_counter() - start:.0f} s"
             log(
                 f"task {index}/{len(tasks)} {task.name}: {result['main_metric']} at {top} dims "
                 f"{result['by_dim'][top][result['main_metric']]:.2f} on {result['num_examples']} "
-                f"examples ({time.perf_counter() - start:.0f} s)"
+                f"examples ({took})"
             )
     return {"dims": list(dims), "tasks": scores}
+
+
+# ---- partial results: an interrupted evaluation continues -------------------------------
+
+PARTIAL_NAME = "results.partial.json"
+# the files that decide a model's embeddings (weights, configs, tokenizer); not its cards or logs
+MODEL_FILE_SUFFIXES = {".safetensors", ".bin", ".gguf", ".json", ".yaml", ".txt", ".model", ".py"}
+
+
+def files_digest(path: str | Path, suffixes: set[str] | None = None, exclude: Path | None = None) -> str:
+    """sha256 over the relative names and contents of a file, or of a folder's files (those with
+    one of `suffixes`, and none under `exclude`); a path that does not exist hashes its name
+    (a hub id)."""
+    path, digest = Path(path), hashlib.sha256()
+    if not path.exists():
+        digest.update(str(path).encode())
+        return digest.hexdigest()
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    for file in files:
+        if path.is_dir() and suffixes is not None and file.suffix not in suffixes:
+            continue
+        if exclude is not None and exclude.resolve() in file.resolve().parents:
+            continue
+        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else file.name.encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def task_fingerprint(task: EvalTaskConfig) -> dict:
+    """A task's settings and the digest of its data files."""
+    return _as_json({"config": dataclasses.asdict(task), "data": files_digest(task.path)})
+
+
+def _as_json(value: dict) -> dict:
+    """`value` as it reads back from JSON (tuples become lists), so that it compares equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def load_partial(output_dir: str | Path, key: dict, tasks: list[EvalTaskConfig]) -> dict[str, dict]:
+    """The results of an earlier run kept in OUTPUT_DIR/results.partial.json that still hold:
+    same model files, encoding and dims (`key`), and per task the same settings and data."""
+    path = Path(output_dir) / PARTIAL_NAME
+    if not path.is_file():
+        return {}
+    try:
+        partial = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    if partial.get("key") != key:
+        return {}
+    kept = partial.get("tasks", {})
+    return {
+        task.name: kept[task.name]["result"]
+        for task in tasks
+        if task.name in kept and kept[task.name].get("fingerprint") == task_fingerprint(task)
+    }
+
+
+class PartialResults:
+    """Writes each finished task to OUTPUT_DIR/results.partial.json (atomically), with what it
+    was computed from."""
+
+    def __init__(self, output_dir: str | Path, key: dict, tasks: list[EvalTaskConfig], kept: dict[str, dict]):
+        self.path = Path(output_dir) / PARTIAL_NAME
+        self.key = key
+        self.fingerprints = {task.name: task_fingerprint(task) for task in tasks}
+        self.tasks = {name: {"fingerprint": self.fingerprints[name], "result": r} for name, r in kept.items()}
+
+    def __call__(self, name: str, result: dict) -> None:
+        self.tasks[name] = {"fingerprint": self.fingerprints[name], "result": result}
+        with atomic_path(self.path, overwrite=True) as staging:
+            staging.write_text(json.dumps({"key": self.key, "tasks": self.tasks}, ensure_ascii=False) + "\n")
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def flat_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
@@ -388,6 +481,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output-dir", help="where to write results.json and dims.png")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--fresh", action="store_true", help=f"evaluate every task again, ignoring OUTPUT_DIR/{PARTIAL_NAME}"
+    )
     mteb = parser.add_argument_group("mteb (pip install 'tpembed[mteb]'; mteb downloads its datasets)")
     mteb.add_argument(
         "--mteb", nargs="+", metavar="NAME", help="run mteb: a benchmark ('MTEB(cmn, v1)') and/or task names"
@@ -546,8 +642,33 @@ def main(argv: list[str] | None = None) -> int:
         dims = check_dims(args.dims or dims, dims)
     except ConfigError as error:
         parser.error(str(error))
-    _report({"model": name, **evaluate(encode, tasks, dims, log=_log)}, args.output_dir)
+    if not args.output_dir:
+        _report({"model": name, **evaluate(encode, tasks, dims, log=_log)}, args.output_dir)
+        return 0
+    key = _partial_key(args, dims)
+    kept = {} if args.fresh else load_partial(args.output_dir, key, tasks)
+    if kept:
+        _log(f"{len(kept)} of {len(tasks)} tasks kept from {Path(args.output_dir) / PARTIAL_NAME} (--fresh: redo)")
+    partial = PartialResults(args.output_dir, key, tasks, kept)
+    _report({"model": name, **evaluate(encode, tasks, dims, log=_log, done=kept, on_task=partial)}, args.output_dir)
+    partial.finish()
     return 0
+
+
+def _partial_key(args, dims: list[int]) -> dict:
+    """What decides every task's result besides the task: the model's files and the flags that
+    change how texts are encoded."""
+    model = args.model or args.base_model
+    encoding = ["template", "tp_layers", "pooling", "no_placeholder", "placeholder", "max_length"]
+    encoding += ["query_max_len", "passage_max_len"]
+    return _as_json(
+        {
+            "model": model,
+            "model_files": files_digest(model, MODEL_FILE_SUFFIXES, exclude=Path(args.output_dir)),
+            "encoding": {name: getattr(args, name) for name in encoding},
+            "dims": list(dims),
+        }
+    )
 
 
 if __name__ == "__main__":
