@@ -12,6 +12,7 @@ import argparse
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
 
 ROWS = [
@@ -30,9 +31,17 @@ LANGUAGES = {
 
 
 def load(path: Path) -> dict | None:
-    """A results.json file, or the one in an evaluation directory; None when there is none."""
+    """A results.json file, or the one in an evaluation directory (else the finished tasks of
+    an evaluation still running or cut off, from its results.partial.json); None when there is none."""
     file = path if path.suffix == ".json" else path / "results.json"
-    return json.loads(file.read_text()) if file.is_file() else None
+    if file.is_file():
+        return json.loads(file.read_text())
+    partial = path / "results.partial.json"
+    if path.suffix == ".json" or not partial.is_file():
+        return None
+    kept = json.loads(partial.read_text())
+    print(f"{path}: an unfinished evaluation, {len(kept['tasks'])} tasks so far", file=sys.stderr)
+    return {"dims": kept["key"]["dims"], "tasks": {name: task["result"] for name, task in kept["tasks"].items()}}
 
 
 def cell(results: dict | None, task: str, dim: int | None = None) -> str:
