@@ -298,9 +298,10 @@ def _as_json(value: dict) -> dict:
     return json.loads(json.dumps(value, default=str))
 
 
-def load_partial(output_dir: str | Path, key: dict, tasks: list[EvalTaskConfig]) -> dict[str, dict]:
+def load_partial(output_dir: str | Path, key: dict, fingerprints: dict[str, dict]) -> dict[str, dict]:
     """The results of an earlier run kept in OUTPUT_DIR/results.partial.json that still hold:
-    same model files, encoding and dims (`key`), and per task the same settings and data."""
+    same model files, encoding and dims (`key`), and per task the same settings and data
+    (`fingerprints`: task name -> task_fingerprint)."""
     path = Path(output_dir) / PARTIAL_NAME
     if not path.is_file():
         return {}
@@ -312,9 +313,9 @@ def load_partial(output_dir: str | Path, key: dict, tasks: list[EvalTaskConfig])
         return {}
     kept = partial.get("tasks", {})
     return {
-        task.name: kept[task.name]["result"]
-        for task in tasks
-        if task.name in kept and kept[task.name].get("fingerprint") == task_fingerprint(task)
+        name: kept[name]["result"]
+        for name, fingerprint in fingerprints.items()
+        if name in kept and kept[name].get("fingerprint") == fingerprint
     }
 
 
@@ -322,10 +323,10 @@ class PartialResults:
     """Writes each finished task to OUTPUT_DIR/results.partial.json (atomically), with what it
     was computed from."""
 
-    def __init__(self, output_dir: str | Path, key: dict, tasks: list[EvalTaskConfig], kept: dict[str, dict]):
+    def __init__(self, output_dir: str | Path, key: dict, fingerprints: dict[str, dict], kept: dict[str, dict]):
         self.path = Path(output_dir) / PARTIAL_NAME
         self.key = key
-        self.fingerprints = {task.name: task_fingerprint(task) for task in tasks}
+        self.fingerprints = fingerprints
         self.tasks = {name: {"fingerprint": self.fingerprints[name], "result": r} for name, r in kept.items()}
 
     def __call__(self, name: str, result: dict) -> None:
@@ -646,10 +647,11 @@ def main(argv: list[str] | None = None) -> int:
         _report({"model": name, **evaluate(encode, tasks, dims, log=_log)}, args.output_dir)
         return 0
     key = _partial_key(args, dims)
-    kept = {} if args.fresh else load_partial(args.output_dir, key, tasks)
+    fingerprints = {task.name: task_fingerprint(task) for task in tasks}  # hashes each data file once
+    kept = {} if args.fresh else load_partial(args.output_dir, key, fingerprints)
     if kept:
         _log(f"{len(kept)} of {len(tasks)} tasks kept from {Path(args.output_dir) / PARTIAL_NAME} (--fresh: redo)")
-    partial = PartialResults(args.output_dir, key, tasks, kept)
+    partial = PartialResults(args.output_dir, key, fingerprints, kept)
     _report({"model": name, **evaluate(encode, tasks, dims, log=_log, done=kept, on_task=partial)}, args.output_dir)
     partial.finish()
     return 0
