@@ -58,7 +58,8 @@ def test_gradcache_equals_plain_backward(task, tp, split, tiny_encoder, qwen_tok
     objective = EmbeddingObjective(mrl_dims=[64, 512, 1792], temperature=0.05, cosent_temperature=0.05)
     batch = make_batch(task, qwen_tokenizer, tp)
 
-    loss, _ = micro_step_loss(encoder, objective, batch, "cpu")
+    plain_stats, cached_stats = {}, {}
+    loss, _ = micro_step_loss(encoder, objective, batch, "cpu", stats=plain_stats)
     loss.backward()
     plain = gradients(encoder)
 
@@ -68,9 +69,14 @@ def test_gradcache_equals_plain_backward(task, tp, split, tiny_encoder, qwen_tok
         pieces.append(last)
         piece.backward()
 
-    cached_loss, _, produced = cached_micro_step(encoder, objective, batch, "cpu", backward, **split)
+    cached_loss, _, produced = cached_micro_step(
+        encoder, objective, batch, "cpu", backward, **split, stats=cached_stats
+    )
     assert produced and len(pieces) > 2 and pieces[-1] and not any(pieces[:-1])
     assert_same(loss.detach(), plain, cached_loss, gradients(encoder))
+    # the collapse signal logged by the loop is the same on both paths
+    assert -1 < plain_stats["mean_cosine"].item() < 1
+    torch.testing.assert_close(cached_stats["mean_cosine"], plain_stats["mean_cosine"], rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_masks_are_replayed(tiny_backbone, qwen_tokenizer):

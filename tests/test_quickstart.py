@@ -49,6 +49,7 @@ def test_quickstart_trains_saves_and_resumes(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
     assert all(math.isfinite(r[f"loss_dim_{d}"]) for r in records for d in (128, 1792))
+    assert all(-1 <= r["mean_cosine"] <= 1 for r in records)  # the collapse signal, every step
     telemetry = records[-1]  # logged at the last step: throughput and memory
     assert telemetry["samples_per_s"] > 0 and telemetry["tokens_per_s"] > telemetry["samples_per_s"]
     assert telemetry["tflops_per_device"] > 0 and telemetry["peak_memory_mb"] > 100 and "grad_norm" in telemetry

@@ -33,3 +33,21 @@ def test_step_flops_and_mfu_by_hand():
 
 def test_no_peak_is_assumed_for_a_cpu():
     assert device_peak_tflops("cpu") is None
+
+
+def test_mean_cosine_by_hand():
+    """The collapse signal logged as mean_cosine: the mean of cos(x_i, x_j) over i != j."""
+    from tpembed.train.step import mean_cosine
+
+    rows = torch.randn(7, 12, generator=torch.Generator().manual_seed(0)) + 0.5
+    pairs = [
+        torch.dot(rows[i], rows[j]).item() / (rows[i].norm().item() * rows[j].norm().item())
+        for i in range(7)
+        for j in range(7)
+        if i != j
+    ]
+    assert mean_cosine(rows).item() == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
+    assert mean_cosine(torch.eye(5)).item() == pytest.approx(0.0, abs=1e-7)  # orthogonal texts
+    same = torch.tensor([1.0, 2.0, 3.0]).repeat(4, 1) * torch.tensor([[1.0], [2.0], [0.5], [3.0]])
+    assert mean_cosine(same).item() == pytest.approx(1.0)  # every text on one direction: collapsed
+    assert torch.isnan(mean_cosine(rows[:1]))

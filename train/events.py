@@ -95,6 +95,7 @@ class StepResult:
 
     loss: float
     per_dim: dict[int, float]
+    mean_cosine: float  # between the anchors of a micro-batch: near 1 means the embeddings collapsed
     grad_norm: float
     learning_rate: float
     task: str
@@ -110,13 +111,14 @@ class StepResult:
 
     @classmethod
     def reduced(cls, engine, means, dims, counts, grad_norm, learning_rate, batch: MicroBatch, start: float):
-        """Means of the losses and sums of the counts over ranks."""
+        """Means of the losses (and of the mean cosine, last in `means`) and sums of the counts over ranks."""
         accelerator = engine.accelerator
         counts = accelerator.reduce(counts.to(accelerator.device), "sum")
         means = accelerator.reduce(means.to(accelerator.device), "mean")
         return cls(
             loss=float(means[0]),
-            per_dim={dim: float(value) for dim, value in zip(dims, means[1:])},
+            per_dim={dim: float(value) for dim, value in zip(dims, means[1:-1])},
+            mean_cosine=float(means[-1]),
             grad_norm=grad_norm,
             learning_rate=learning_rate,
             task=batch.task.value,
@@ -247,6 +249,7 @@ class StepEvents:
             "dataset": result.dataset,
             "loss": result.loss,
             **{f"loss_dim_{dim}": value for dim, value in result.per_dim.items()},
+            "mean_cosine": result.mean_cosine if math.isfinite(result.mean_cosine) else None,
             "lr": result.learning_rate,
             "grad_norm": result.grad_norm,
             "step_seconds": result.seconds,

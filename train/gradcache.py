@@ -25,7 +25,7 @@ from tpembed.data import MicroBatch
 from tpembed.data.batches import text_lengths
 from tpembed.data.templates import pack_sequences, packed_sequences
 from tpembed.modeling.distributed import all_finite
-from tpembed.train.step import task_loss
+from tpembed.train.step import mean_cosine, task_loss
 
 
 def split_rows(
@@ -93,11 +93,13 @@ def cached_micro_step(
     max_rows: int | None = None,
     token_budget: int | None = None,
     padding_side: str = "left",
+    stats: dict | None = None,
 ) -> tuple[torch.Tensor, dict, bool]:
     """Loss of a micro-batch with GradCache; `backward(piece, is_last_piece)` backpropagates.
 
     Returns (loss, per-dim losses, whether gradients were produced). A non-finite
-    loss on any rank skips the backward passes on every rank.
+    loss on any rank skips the backward passes on every rank. With `stats`, the anchors'
+    mean cosine is stored there too (`mean_cosine`, as in micro_step_loss).
     """
     pieces = []  # (side, token batch, rng state)
     embedded = {}
@@ -112,6 +114,8 @@ def cached_micro_step(
                 outputs.append(encoder(**part))
             embedded[side] = torch.cat(outputs).float()
 
+    if stats is not None:
+        stats["mean_cosine"] = mean_cosine(embedded["anchors"])
     anchors = embedded["anchors"].detach().requires_grad_(True)
     candidates = embedded["candidates"].detach().requires_grad_(True)
     loss, per_dim = task_loss(objective, batch, anchors, candidates, device)

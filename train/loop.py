@@ -184,19 +184,23 @@ def train_step(engine: Engine, objective, micro_batches) -> StepResult:
         def backward(piece: torch.Tensor, last_piece: bool) -> None:
             engine.backward(piece, last=last_micro and last_piece)
 
+        stats = {}
         if config.train.grad_cache:
             loss, per_dim, produced = cached_micro_step(
                 engine.model, objective, batch, engine.accelerator.device, backward,
                 max_rows=config.train.grad_cache_rows or (None if config.train.grad_cache_tokens else 32),
-                token_budget=config.train.grad_cache_tokens, padding_side=config.model.padding_side,
+                token_budget=config.train.grad_cache_tokens, padding_side=config.model.padding_side, stats=stats,
             )  # fmt: skip
         else:
-            loss, per_dim = micro_step_loss(engine.model, objective, batch, engine.accelerator.device)
+            loss, per_dim = micro_step_loss(engine.model, objective, batch, engine.accelerator.device, stats=stats)
             produced = all_finite(loss)
             if produced:
                 backward(loss, True)
         contributed += produced
-        values = torch.stack([loss.detach().float()] + [v.float() for v in per_dim.values()])
+        # the losses, then the anchors' mean cosine (reduced with them, logged as mean_cosine)
+        values = torch.stack(
+            [loss.detach().float()] + [v.float() for v in per_dim.values()] + [stats["mean_cosine"].float()]
+        )
         sums = values if sums is None else sums + values
         counts += torch.tensor([batch.num_tokens, batch.num_examples, batch.squared_lengths], dtype=torch.float64)
     grad_norm = engine.step(contributed)

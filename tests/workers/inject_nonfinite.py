@@ -13,8 +13,8 @@ poisoned_steps = {int(s) for s in sys.argv[1].split(",")}
 compute_loss = loop.micro_step_loss
 
 
-def poisoned(encoder, objective, batch, device):
-    loss, per_dim = compute_loss(encoder, objective, batch, device)
+def poisoned(encoder, objective, batch, device, stats=None):
+    loss, per_dim = compute_loss(encoder, objective, batch, device, stats=stats)
     if batch.step + 1 in poisoned_steps:
         loss = loss * float("nan")
     return loss, per_dim
