@@ -7,7 +7,10 @@ proportional to weight_i * n_i ** alpha; in stage 2 the retrieval datasets
 together receive a share eta_ret of that mass and the rest 1 - eta_ret.
 
 Everything is a pure function of (seed, step): the dataset of step t comes from a
-generator seeded with (seed, t), identical on every rank without communication;
+generator seeded with (seed, t) (schedule "random", the method's), or from a smooth
+weighted round-robin with the same shares and a seeded start (schedule "interleaved":
+first between the retrieval and the other datasets, then between a group's datasets, so
+no task type runs for many steps in a row), identical on every rank without communication;
 the records of a dataset's k-th batch are slice k of its per-epoch permutation,
 seeded with (seed, dataset, epoch). Each epoch drops its last partial batch, so a
 batch never holds the same record twice. The global batch does not depend on the
@@ -23,6 +26,7 @@ import numpy as np
 
 _CHOICE_STREAM = 0
 _PERMUTATION_STREAM = 1
+SCHEDULES = ("random", "interleaved")
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,27 @@ class GroupedStepSampler:
         batch_sizes: global batch size (records per optimizer step) of each dataset.
         seed: the run's data seed.
         probabilities: dataset sampling probabilities (see sampling_probabilities).
+        schedule: "random" (each step's dataset drawn independently with `probabilities`) or
+            "interleaved" (the same shares, spread evenly over the steps).
+        groups: for "interleaved", a group key per dataset (e.g. whether it is a retrieval
+            set): the schedule alternates between groups first, then within the group.
     """
 
-    def __init__(self, sizes: list[int], batch_sizes: list[int], seed: int, probabilities: np.ndarray):
+    def __init__(
+        self,
+        sizes: list[int],
+        batch_sizes: list[int],
+        seed: int,
+        probabilities: np.ndarray,
+        schedule: str = "random",
+        groups: list | None = None,
+    ):
         if len(sizes) != len(batch_sizes) or len(sizes) != len(probabilities):
             raise ValueError("sizes, batch_sizes and probabilities must have one entry per dataset")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if groups is not None and len(groups) != len(sizes):
+            raise ValueError("groups must have one entry per dataset")
         for i, (size, batch) in enumerate(zip(sizes, batch_sizes)):
             if batch > size:
                 raise ValueError(f"dataset {i} has {size} records, fewer than its global batch size {batch}")
@@ -82,9 +102,15 @@ class GroupedStepSampler:
         self.batch_sizes = list(batch_sizes)
         self.seed = int(seed)
         self.probabilities = np.asarray(probabilities, dtype=np.float64)
+        self.schedule = schedule
         self.step = 0  # the next step to be drawn: the sampler's position
         self._choices: list[int] = []
         self._pick_counts: list[np.ndarray] = []  # picks of each dataset before step t
+        # interleaved: the group of each dataset, and the round-robin credits of groups and datasets
+        keys = np.asarray(groups if groups is not None else [0] * len(sizes))
+        self._group_of = np.unique(keys, return_inverse=True)[1]
+        self._group_credits: np.ndarray | None = None
+        self._dataset_credits: np.ndarray | None = None
 
     def dataset_at(self, step: int) -> int:
         """The dataset every rank uses at `step`."""
@@ -117,9 +143,32 @@ class GroupedStepSampler:
             counts = self._pick_counts[-1].copy() if self._pick_counts else np.zeros(len(self.sizes), dtype=np.int64)
             if step > 0:
                 counts[self._choices[-1]] += 1
-            rng = np.random.default_rng([self.seed, _CHOICE_STREAM, step])
-            self._choices.append(int(rng.choice(len(self.sizes), p=self.probabilities)))
+            if self.schedule == "interleaved":
+                self._choices.append(self._next_interleaved())
+            else:
+                rng = np.random.default_rng([self.seed, _CHOICE_STREAM, step])
+                self._choices.append(int(rng.choice(len(self.sizes), p=self.probabilities)))
             self._pick_counts.append(counts)
+
+    def _next_interleaved(self) -> int:
+        """Smooth weighted round-robin: every candidate gains its share of credit, the richest is
+        picked and pays 1. Over any t steps each dataset is picked t * p_i times, give or take a
+        small constant. Run between the groups, then between the picked group's datasets; the
+        starting credits are drawn from the seed, so seeds differ in order but not in shares."""
+        shares = np.bincount(self._group_of, weights=self.probabilities)
+        if self._group_credits is None:
+            rng = np.random.default_rng([self.seed, _CHOICE_STREAM])
+            self._group_credits = rng.random(len(shares))
+            self._dataset_credits = rng.random(len(self.sizes))
+        live = shares > 0
+        self._group_credits[live] += shares[live]
+        group = int(np.flatnonzero(live)[np.argmax(self._group_credits[live])])
+        self._group_credits[group] -= 1.0
+        members = np.flatnonzero((self._group_of == group) & (self.probabilities > 0))
+        self._dataset_credits[members] += self.probabilities[members] / shares[group]
+        dataset = int(members[np.argmax(self._dataset_credits[members])])
+        self._dataset_credits[dataset] -= 1.0
+        return dataset
 
     # ---- checkpoint state ------------------------------------------------------
 
@@ -130,15 +179,18 @@ class GroupedStepSampler:
             "sizes": list(self.sizes),
             "batch_sizes": list(self.batch_sizes),
             "probabilities": [float(p) for p in self.probabilities],
+            "schedule": self.schedule,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the position; refuse if the data or its sampling changed."""
-        for key in ("seed", "sizes", "batch_sizes"):
+        state = {"schedule": "random", **state}  # checkpoints from before the schedule option
+        for key in ("seed", "sizes", "batch_sizes", "schedule"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"cannot resume the data order: the checkpoint's sampler has {key}={state[key]}, "
-                    f"this run has {getattr(self, key)}. Resume with the same datasets, batch sizes and seed."
+                    f"this run has {getattr(self, key)}. Resume with the same datasets, batch sizes, seed and "
+                    "data.schedule."
                 )
         if not np.allclose(state["probabilities"], self.probabilities, rtol=0, atol=1e-12):
             raise ValueError(

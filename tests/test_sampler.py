@@ -52,6 +52,59 @@ def test_eta_ret_observed_share():
     assert abs(share - 0.72) < 5 * np.sqrt(0.72 * 0.28 / steps)
 
 
+def longest_run(flags) -> int:
+    longest = current = 0
+    for flag in flags:
+        current = current + 1 if flag else 0
+        longest = max(longest, current)
+    return longest
+
+
+@pytest.mark.parametrize("eta_ret", [0.5, 0.72, 0.2])
+def test_interleaved_schedule_keeps_the_shares_and_spreads_the_task_types(eta_ret):
+    """Same shares as the random draws, counted at every prefix; retrieval and other steps alternate."""
+    sizes, retrieval = [100, 400, 900, 2500, 50, 700], [True, False, True, False, False, False]
+    p = sampling_probabilities(sizes, 0.5, retrieval=retrieval, eta_ret=eta_ret)
+    sampler = GroupedStepSampler(sizes, [10] * 6, seed=3, probabilities=p, schedule="interleaved", groups=retrieval)
+    steps = 600
+    choices = [sampler.dataset_at(t) for t in range(steps)]
+    counts = np.zeros(len(sizes))
+    for t, choice in enumerate(choices, start=1):
+        counts[choice] += 1
+        assert np.abs(counts - t * p).max() < 2.5, (t, counts, t * p)  # every dataset on schedule
+    is_retrieval = [retrieval[c] for c in choices]
+    # a group runs for at most ceil(its share / the other's) + 1 steps in a row
+    assert longest_run(is_retrieval) <= np.ceil(eta_ret / (1 - eta_ret)) + 1
+    assert longest_run([not r for r in is_retrieval]) <= np.ceil((1 - eta_ret) / eta_ret) + 1
+    # the random schedule with the same seed has longer runs of one group over as many steps
+    draws = GroupedStepSampler(sizes, [10] * 6, seed=3, probabilities=p)
+    random_flags = [retrieval[draws.dataset_at(t)] for t in range(steps)]
+    assert longest_run([not r for r in random_flags]) > longest_run([not r for r in is_retrieval])
+
+
+def test_interleaved_order_depends_on_the_seed_and_resumes():
+    p = sampling_probabilities([60, 90, 30], 0.5)
+    first = GroupedStepSampler([60, 90, 30], [6, 9, 3], seed=1, probabilities=p, schedule="interleaved")
+    other = GroupedStepSampler([60, 90, 30], [6, 9, 3], seed=2, probabilities=p, schedule="interleaved")
+    assert [first.dataset_at(t) for t in range(40)] != [other.dataset_at(t) for t in range(40)]
+    iterator = iter(first)
+    for _ in range(13):
+        next(iterator)
+    state = json.loads(json.dumps(first.state_dict()))
+    expected = [next(iterator) for _ in range(20)]
+    restored = GroupedStepSampler([60, 90, 30], [6, 9, 3], seed=1, probabilities=p, schedule="interleaved")
+    restored.load_state_dict(state)
+    got = [b for _, b in zip(range(20), iter(restored))]
+    assert [(b.dataset, b.epoch, b.indices.tolist()) for b in got] == [
+        (b.dataset, b.epoch, b.indices.tolist()) for b in expected
+    ]
+    random_schedule = GroupedStepSampler([60, 90, 30], [6, 9, 3], seed=1, probabilities=p)
+    with pytest.raises(ValueError, match="schedule"):
+        random_schedule.load_state_dict(state)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        GroupedStepSampler([60], [6], seed=1, probabilities=np.array([1.0]), schedule="round-robin")
+
+
 def test_batches_cover_each_epoch_without_repeats():
     sampler = GroupedStepSampler([50], [10], seed=1, probabilities=np.array([1.0]))
     first_epoch = np.concatenate([sampler.batch_at(t).indices for t in range(5)])

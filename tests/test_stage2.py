@@ -98,6 +98,17 @@ def test_stage2_sampler_never_mixes_datasets_and_respects_eta(quickstart_stage1,
         assert names == {specs[sampler.dataset_at(step)].data.name}
 
 
+def test_interleaved_schedule_from_the_config_alternates_task_types(quickstart_stage1, tmp_path):
+    config = stage2_config(quickstart_stage1, tmp_path / "s2", "--schedule", "interleaved", "--eta-ret", "0.5")
+    text = build.build_text(config, build.init_source(config)[0])
+    specs, _ = build.build_datasets(config, text.text_format)
+    sampler = build.build_sampler(config, specs)
+    is_retrieval = [specs[sampler.dataset_at(step)].task is Task.retrieval for step in range(40)]
+    # eta_ret 0.5 between two groups: never more than two steps of one task type in a row
+    assert not any(is_retrieval[i] == is_retrieval[i + 1] == is_retrieval[i + 2] for i in range(38))
+    assert sum(is_retrieval) in (19, 20, 21) and sampler.state_dict()["schedule"] == "interleaved"
+
+
 def test_sts_pairs_are_used_in_both_directions(qwen_tokenizer, tmp_path):
     from tpembed.data import BatchBuilder, DatasetSpec, GroupedStepSampler, Lengths, TextFormat, read_dataset
 

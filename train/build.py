@@ -325,15 +325,21 @@ def check_lengths(config: Config, specs: list[DatasetSpec], text: TextSetup) -> 
 
 def build_sampler(config: Config, specs: list[DatasetSpec]) -> GroupedStepSampler:
     weights = [d.weight for d in dataset_configs(config)]
+    retrieval = [s.task is Task.retrieval for s in specs]
     probabilities = sampling_probabilities(
         [len(s.data) for s in specs],
         alpha=config.data.sampling_alpha,
         weights=weights,
-        retrieval=[s.task is Task.retrieval for s in specs],
+        retrieval=retrieval,
         eta_ret=config.data.eta_ret,
     )
     return GroupedStepSampler(
-        [len(s.data) for s in specs], [s.batch_size for s in specs], config.train.seed, probabilities
+        [len(s.data) for s in specs],
+        [s.batch_size for s in specs],
+        config.train.seed,
+        probabilities,
+        schedule=config.data.schedule,
+        groups=retrieval,
     )
 
 

@@ -148,6 +148,12 @@ class DataConfig:
     passage_max_len: Positive = _help("max tokens of retrieval passages", 1536)
     sampling_alpha: float = _help("dataset i is picked with probability proportional to n_i ** alpha", 0.5)
     eta_ret: Share | None = _help("stage 2: share of steps given to retrieval datasets together (0.72)", None)
+    schedule: Literal["random", "interleaved"] = _help(
+        "how steps pick their dataset: random (independent draws with the sampling probabilities, the method's) "
+        "or interleaved (the same shares spread evenly: retrieval and other datasets alternate, no long runs of "
+        "one task type)",
+        "random",
+    )
     append_eos: bool = _help("append the end-of-text token as the pooled last token (stage 1)", True)
     prepend_bos: bool = _help("start every sequence with the tokenizer's BOS token", False)
     allow_empty_text: bool = _help("render empty queries/positives as 'Null' instead of failing", False)
