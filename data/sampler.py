@@ -106,11 +106,14 @@ class GroupedStepSampler:
         self.step = 0  # the next step to be drawn: the sampler's position
         self._choices: list[int] = []
         self._pick_counts: list[np.ndarray] = []  # picks of each dataset before step t
-        # interleaved: the group of each dataset, and the round-robin credits of groups and datasets
+        # interleaved: the group of each dataset, the groups' shares, and the round-robin credits of
+        # groups and datasets, starting from the seed
         keys = np.asarray(groups if groups is not None else [0] * len(sizes))
         self._group_of = np.unique(keys, return_inverse=True)[1]
-        self._group_credits: np.ndarray | None = None
-        self._dataset_credits: np.ndarray | None = None
+        self._group_shares = np.bincount(self._group_of, weights=self.probabilities)
+        rng = np.random.default_rng([self.seed, _CHOICE_STREAM])
+        self._group_credits = rng.random(len(self._group_shares))
+        self._dataset_credits = rng.random(len(self.sizes))
 
     def dataset_at(self, step: int) -> int:
         """The dataset every rank uses at `step`."""
@@ -155,11 +158,7 @@ class GroupedStepSampler:
         picked and pays 1. Over any t steps each dataset is picked t * p_i times, give or take a
         small constant. Run between the groups, then between the picked group's datasets; the
         starting credits are drawn from the seed, so seeds differ in order but not in shares."""
-        shares = np.bincount(self._group_of, weights=self.probabilities)
-        if self._group_credits is None:
-            rng = np.random.default_rng([self.seed, _CHOICE_STREAM])
-            self._group_credits = rng.random(len(shares))
-            self._dataset_credits = rng.random(len(self.sizes))
+        shares = self._group_shares
         live = shares > 0
         self._group_credits[live] += shares[live]
         group = int(np.flatnonzero(live)[np.argmax(self._group_credits[live])])

@@ -9,24 +9,18 @@ near 1, spread near 0). Reads the first N distinct sentences of an STS file.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from tpembed.train.eval import open_model
+from tpembed.train.config import EvalTaskConfig
+from tpembed.train.eval import DEFAULT_STS_INSTRUCTION, load_sts, open_model
 
 
 def first_sentences(path: str, n: int) -> list[str]:
-    seen: dict[str, None] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            for key in ("sentence1", "sentence2"):
-                if key in record and len(seen) < n:
-                    seen.setdefault(record[key], None)
-            if len(seen) >= n:
-                break
-    return list(seen)
+    """The first `n` distinct sentences of an STS file, read as the evaluator reads it."""
+    first, second, _ = load_sts(EvalTaskConfig(type="sts", path=path))
+    distinct = dict.fromkeys(text for pair in zip(first, second) for text in pair)
+    return list(distinct)[:n]
 
 
 def spread(embeddings: torch.Tensor) -> tuple[float, float]:
@@ -41,7 +35,7 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help="tpembed runs, checkpoints or exports")
     parser.add_argument("--texts", default="../shared/data/stsb_en/dev.jsonl", help="an STS JSONL file")
     parser.add_argument("-n", type=int, default=200, help="how many distinct sentences")
-    parser.add_argument("--instruction", default="Retrieve semantically similar text")
+    parser.add_argument("--instruction", default=DEFAULT_STS_INSTRUCTION)
     args = parser.parse_args()
     texts = first_sentences(args.texts, args.n)
     print("| model | dims | texts | mean cosine | sd of cosine |")
