@@ -15,6 +15,9 @@
 # the docs) once both exist, and a seed whose results are there is skipped, so a later session on
 # another machine retrains stage 1 and continues with the seeds still missing; the two runs of a
 # seed always share one stage-1 checkpoint.
+# SCHEDULE=interleaved runs stage 2 with `--schedule interleaved` (the same shares, spread evenly
+# instead of drawn independently: no long runs of CoSENT steps) from the same stage-1 checkpoint;
+# its runs are named *_interleaved and its results go to docs/results/tp_ablation_interleaved.
 # STEPS defaults to a short stage 2 that fits a session on a 2-core CPU. Both stages save every
 # few steps and start with --resume-from auto: a run cut off by the end of a session continues
 # where it stopped when the run directory is still there (resumption reproduces the losses).
@@ -26,7 +29,12 @@ STAGE1=${STAGE1:-$OUT/stage1}
 STAGE1_STEPS=${STAGE1_STEPS:-40}
 STEPS=${STEPS:-24}
 SEEDS=${SEEDS-"1 2 3"}  # SEEDS="" prepares the data and configs only
-RESULTS=${RESULTS:-docs/results/tp_ablation}
+SCHEDULE=${SCHEDULE:-random}
+case "$SCHEDULE" in
+  random) SUFFIX=""; RESULTS=${RESULTS:-docs/results/tp_ablation} ;;
+  interleaved) SUFFIX="_interleaved"; RESULTS=${RESULTS:-docs/results/tp_ablation_interleaved} ;;
+  *) echo "SCHEDULE must be random or interleaved, not '$SCHEDULE'" >&2; exit 2 ;;
+esac
 DATA=../shared/data
 mkdir -p "$OUT/data" "$RESULTS"
 step() { echo "=== $(date -u +%H:%M:%S) $*"; /usr/bin/time -f "=== %e s, peak RSS %M KiB" "$@"; }
@@ -68,15 +76,15 @@ for seed in $SEEDS; do
       --output-dir "$STAGE1" --report-to none --progress-bar false
   fi
   for tp in 1-7 none; do
-    name=tp_${tp/-/_}_seed$seed
+    name=tp_${tp/-/_}_seed$seed$SUFFIX
     done_step "$OUT/$name" "$STEPS" || step python -m accelerate.commands.launch \
       --num_processes 1 train/stage2.py --config configs/smollm2/v1/stage2.yaml --config "$OUT/stage2.yaml" \
-      --init-from "$STAGE1" --tp-layers "$tp" --seed "$seed" --max-steps "$STEPS" --save-every 8 --keep-last 1 \
+      --init-from "$STAGE1" --tp-layers "$tp" --seed "$seed" --schedule "$SCHEDULE" --max-steps "$STEPS" --save-every 8 --keep-last 1 \
       --resume-from auto --warmup-steps 3 --output-dir "$OUT/$name" --report-to none --progress-bar false
     [ -f "$OUT/eval_$name/results.json" ] || step tpembed-eval "$OUT/$name" --tasks configs/eval/mining_effect.yaml \
       --tasks configs/eval/tnews.yaml --passage-max-len 256 --output-dir "$OUT/eval_$name" --no-progress
   done
   # a seed's results are kept together or not at all: its two runs share this stage 1
-  for tp in 1_7 none; do cp "$OUT/eval_tp_${tp}_seed$seed/results.json" "$RESULTS/eval_tp_${tp}_seed$seed.json"; done
+  for tp in 1_7 none; do cp "$OUT/eval_tp_${tp}_seed$seed$SUFFIX/results.json" "$RESULTS/eval_tp_${tp}_seed$seed.json"; done
 done
 if ls "$RESULTS"/eval_tp_none_seed*.json > /dev/null 2>&1; then python configs/smollm2/tables.py --seeds "$RESULTS"; fi
