@@ -8,7 +8,7 @@ import torch
 
 from conftest import REPO, SHARED_DATA, run_script
 from tpembed.train.config import EvalTaskConfig, load_eval_tasks
-from tpembed.train.eval import evaluate, main, write_results
+from tpembed.train.eval import clustering_scores, evaluate, main, write_results
 from tpembed.train.metrics import mrr_at_k, ndcg_at_k, recall_at_k, retrieval_scores, spearman
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the workplace's ../shared/data is not present")
@@ -145,9 +145,25 @@ def test_classification_and_clustering_on_hand_built_embeddings(tmp_path):
     completeness = 1 - (4 / 6 * _entropy(1, 3)) / _entropy(3, 3)
     v_measure = 2 * homogeneity * completeness / (homogeneity + completeness)
     assert results["clu"]["by_dim"]["4"]["v_measure"] == pytest.approx(100 * v_measure)
+    # two tight groups: every single-initialisation run finds them, so the runs agree with the best one
+    for task, expected in (("clu", 100 * v_measure), ("sep_clu", 100.0)):
+        scores = results[task]["by_dim"]["4"]
+        assert scores["v_measure_mean"] == pytest.approx(expected) and scores["v_measure_std"] == pytest.approx(0.0)
     assert results["clu"]["main_metric"] == "v_measure" and results["cls"]["main_metric"] == "accuracy"
     with pytest.raises(FileNotFoundError, match="must hold train.jsonl and validation.jsonl"):
         evaluate(encode, [EvalTaskConfig(name="x", type="classification", path=str(tmp_path), split="validation")], [4])
+
+
+def test_clustering_runs_differ_where_the_data_has_no_clusters():
+    """Points with no cluster structure: the single-initialisation runs use different seeds, so their
+    clusterings (and V-measures) differ, and the reported sd is the spread of those runs."""
+    generator = torch.Generator().manual_seed(0)
+    points = torch.nn.functional.normalize(torch.randn(90, 8, generator=generator), dim=-1)
+    labels = [str(i % 5) for i in range(90)]
+    scores = clustering_scores(points, labels, runs=8)
+    assert scores["v_measure_std"] > 0
+    assert 0 <= scores["v_measure_mean"] <= 100 and 0 <= scores["v_measure"] <= 100
+    assert clustering_scores(points, labels, runs=1)["v_measure_std"] == 0.0
 
 
 @needs_shared

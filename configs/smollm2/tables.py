@@ -97,6 +97,11 @@ def every_dim(results: dict) -> None:
         values = [entry["by_dim"][str(d)][metric] for d in dims]
         gap = f"{entry['by_dim']['256'][metric] - values[-1]:+.2f}" if "256" in entry["by_dim"] else "n/a"
         print(f"| {task} ({metric}) | " + " | ".join(f"{v:.2f}" for v in values) + f" | {gap} |")
+        if "v_measure_mean" in entry["by_dim"][str(dims[-1])]:  # clustering: the mean and sd of 10 single runs
+            for key, label in (("v_measure_mean", "mean of 10 k-means runs"), ("v_measure_std", "sd of those runs")):
+                values = [entry["by_dim"][str(d)][key] for d in dims]
+                gap = f"{entry['by_dim']['256'][key] - values[-1]:+.2f}" if key.endswith("mean") else ""
+                print(f"| {task} ({label}) | " + " | ".join(f"{v:.2f}" for v in values) + f" | {gap} |")
 
 
 def compare(directories: list[Path]) -> None:
