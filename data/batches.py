@@ -41,6 +41,7 @@ class DatasetSpec:
     instruction: str | None
     batch_size: int  # global records per step
     num_hard_negatives: int = 4
+    lr_scale: float = 1.0  # multiplies the scheduled learning rate of this dataset's steps
 
     @property
     def task(self) -> Task:
@@ -65,6 +66,7 @@ class MicroBatch:
     candidate_labels: torch.Tensor | None = None  # classification: (n * group,)
     candidate_text_ids: torch.Tensor | None = None  # retrieval: (n * group,) for the identical-text rule
     num_examples: int = 0
+    lr_scale: float = 1.0  # its dataset's: the step's update uses lr_scale x the scheduled rate
     num_tokens: int = 0  # real tokens of both sides, padding excluded
     squared_lengths: int = 0  # sum of squared text lengths, for the attention FLOPs
 
@@ -137,6 +139,7 @@ class BatchBuilder:
         batch = build[spec.task](spec, step_batch.dataset, step_batch.epoch, indices)
         lengths = torch.cat([text_lengths(batch.anchors), text_lengths(batch.candidates)])
         batch.step, batch.dataset, batch.num_examples = step, spec.data.name, len(indices)
+        batch.lr_scale = spec.lr_scale
         batch.num_tokens = int(lengths.sum())
         batch.squared_lengths = int((lengths**2).sum())
         return batch

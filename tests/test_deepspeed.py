@@ -36,17 +36,31 @@ def launch(run_dir, *extra, zero=None):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+SCALED = """data:
+  datasets:
+    - path: data/samples/snli_triplets_en.jsonl
+      instruction: Given a premise, retrieve a hypothesis that is entailed by the premise
+      lr_scale: 0.5
+    - path: data/samples/text2vec_triplets_zh.jsonl
+      instruction: 给定一个句子，检索与其语义相同的句子
+      lr_scale: 0.25
+"""
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One process without GradCache, and ZeRO-2 / ZeRO-3 on two with GradCache (mini-batches of
-    5 texts)."""
+    5 texts). No warm-up, so the first update moves the weights and the second step's loss shows
+    it; every dataset has an lr_scale, which DeepSpeed's optimizer must apply as one process does."""
     root = tmp_path_factory.mktemp("deepspeed")
-    results = {"single": (root / "single", launch(root / "single"))}
+    (root / "scaled.yaml").write_text(SCALED, encoding="utf-8")
+    scaled = ["--config", str(root / "scaled.yaml"), "--warmup-steps", "0"]
+    results = {"flags": scaled, "single": (root / "single", launch(root / "single", *scaled))}
     for zero in (2, 3):
         run_dir = root / f"zero{zero}"
         results[zero] = (
             run_dir,
-            launch(run_dir, "--grad-cache", "true", "--grad-cache-rows", "5", zero=zero),
+            launch(run_dir, *scaled, "--grad-cache", "true", "--grad-cache-rows", "5", zero=zero),
         )
     return results
 
@@ -55,8 +69,11 @@ def runs(tmp_path_factory):
 def test_zero_with_gradcache_matches_one_process(runs, zero):
     reference, losses = runs["single"][1], runs[zero][1]
     assert losses[0]["loss"] == pytest.approx(reference[0]["loss"], rel=1e-6), "first-step loss"
+    assert reference[0]["lr"] == pytest.approx(
+        5e-4 * {"snli_triplets_en": 0.5, "text2vec_triplets_zh": 0.25}[reference[0]["dataset"]]
+    )
     for a, b in zip(reference, losses):
-        assert a["dataset"] == b["dataset"]
+        assert (a["dataset"], a["lr"]) == (b["dataset"], b["lr"])
         # later steps follow the updates: equal gradients, and DeepSpeed's partitioned AdamW
         # rounding a little differently from torch's
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
@@ -73,7 +90,9 @@ def test_zero3_checkpoint_exports_reloads_and_resumes(runs, tmp_path):
     shutil.copytree(run_dir, again)
     shutil.rmtree(again / "checkpoints/step-00000002")
     saved = (again / "checkpoints/step-00000001/COMPLETE").read_text()
-    resumed = launch(again, "--resume-from", "auto", "--grad-cache", "true", "--grad-cache-rows", "5", zero=3)
+    resumed = launch(
+        again, *runs["flags"], "--resume-from", "auto", "--grad-cache", "true", "--grad-cache-rows", "5", zero=3
+    )
     assert (again / "checkpoints/step-00000001/COMPLETE").read_text() == saved, "step 1 was not run again"
     assert [r["step"] for r in resumed] == [1, 2]
     assert (resumed[1]["dataset"], resumed[1]["lr"]) == (first[1]["dataset"], first[1]["lr"])

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import REPO
 from tpembed.data import Task
@@ -14,6 +15,7 @@ from tpembed.modeling import Encoder, read_encoder_spec
 from tpembed.train import build
 from tpembed.train.config import STAGE_DEFAULTS, ConfigError, load_config
 from tpembed.train.embedder import Embedder
+from tpembed.train.loop import scaled_learning_rate, train
 
 STAGE2 = REPO / "configs" / "quickstart" / "stage2.yaml"
 
@@ -179,3 +181,51 @@ def test_the_start_up_log_leaves_out_the_model_name_a_checkpoint_overrides():
     lines = build.describe(run, config)
     assert "  optim.learning_rate: 5e-05 -> 3e-05" in lines
     assert not any("name_or_path" in line for line in lines), lines
+
+
+def test_scaled_learning_rate_scales_one_adamw_update_and_restores_the_schedule():
+    """AdamW's first update is lr * g / (|g| + eps) per coordinate (bias-corrected moments are g and g^2):
+    inside the block it moves each weight by scale * lr, and the scheduled rates come back after."""
+    weight = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    optimizer = torch.optim.AdamW(
+        [{"params": [weight], "weight_decay": 0.0}, {"params": [], "weight_decay": 0.0}], lr=0.1, eps=1e-12
+    )
+    (weight * torch.tensor([2.0, -3.0, 0.5])).sum().backward()  # gradient signs +, -, +
+    with scaled_learning_rate(optimizer, 0.25):
+        assert [g["lr"] for g in optimizer.param_groups] == [0.025, 0.025]
+        optimizer.step()
+    assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.1]
+    assert torch.allclose(weight.detach(), torch.tensor([1.0 - 0.025, -2.0 + 0.025, 3.0 - 0.025]))
+
+
+def test_a_datasets_lr_scale_applies_to_the_updates_of_its_steps(quickstart_stage1, tmp_path):
+    """Through the loop: the rate the optimizer steps with (seen by a step hook) is the linear schedule's
+    rate, times the sts dataset's lr_scale on the steps that draw it; metrics.jsonl logs the same."""
+    run_dir = tmp_path / "s2"
+    config = stage2_config(
+        quickstart_stage1, run_dir, "--max-steps", "6", "--warmup-steps", "0", "--save-every", "6",
+        "--eta-ret", "0.5", "--schedule", "interleaved", "--report-to", "none", "--progress-bar", "false",
+    )  # fmt: skip
+    sts = next(d for d in config.data.datasets if d.task == Task.sts)
+    sts.lr_scale = 0.25
+    seen = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.append({g["lr"] for g in optimizer.param_groups})
+    )
+    try:
+        train(config)
+    finally:
+        hook.remove()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    tasks = [r["task"] for r in records]
+    assert "sts" in tasks and "retrieval" in tasks
+    for step, (record, rates) in enumerate(zip(records, seen, strict=True), start=1):
+        expected = 2e-4 * (6 - step + 1) / 6 * (0.25 if record["task"] == "sts" else 1.0)
+        assert len(rates) == 1 and rates.pop() == pytest.approx(expected) and record["lr"] == pytest.approx(expected)
+
+
+def test_lr_scale_must_be_positive(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  datasets:\n    - {path: x.jsonl, lr_scale: 0}\n")
+    with pytest.raises(ConfigError, match="lr_scale"):
+        load_config(["--config", str(bad)], base=STAGE_DEFAULTS[2])

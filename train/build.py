@@ -118,6 +118,7 @@ def describe(run: RunSetup, config: Config) -> list[str]:
         lines.append(
             f"  {spec.data.name}: {spec.task.value}, {len(spec.data)} examples, global batch {spec.batch_size}, "
             f"picked at {probability:.1%} of steps"
+            + (f", learning rate x {spec.lr_scale:g}" if spec.lr_scale != 1 else "")
         )
     report = run.report
     if report.dropped_empty_negatives:
@@ -299,7 +300,8 @@ def build_datasets(
         instruction = dataset.instruction
         if instruction is None and dataset.task is Task.retrieval:
             instruction = config.data.default_instruction
-        specs.append(DatasetSpec(data=data, instruction=instruction, batch_size=batch_size, num_hard_negatives=k))
+        spec = DatasetSpec(data, instruction, batch_size, num_hard_negatives=k, lr_scale=dataset.lr_scale)
+        specs.append(spec)
     return specs, report
 
 

@@ -123,6 +123,11 @@ class DatasetConfig:
     batch_size: Positive | None = _help("global batch size of this dataset; default: data.batch_size", None)
     num_hard_negatives: NonNegative | None = _help("negatives per anchor; default: data.num_hard_negatives", None)
     score_range: list[float] | None = _help("sts: [min, max]; scores outside fail validation", None)
+    lr_scale: PositiveFloat = _help(
+        "multiplies the scheduled learning rate of the steps that draw this dataset (0.3: its steps move the "
+        "model less, e.g. CoSENT sets beside retrieval); 1: the schedule's rate",
+        1.0,
+    )
 
 
 @dataclass

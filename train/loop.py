@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -156,6 +157,25 @@ def restore(engine: Engine, sampler, checkpoint: Path) -> int:
     return state["step"]
 
 
+@contextmanager
+def scaled_learning_rate(optimizer: torch.optim.Optimizer, scale: float):
+    """Every parameter group's learning rate times `scale` inside the block, the scheduled rates after.
+
+    The scheduler owns the rates and sets them from its base rates at every step; the optimizer
+    (DeepSpeed's too: it steps the same parameter groups) reads them when it steps."""
+    if scale == 1:
+        yield
+        return
+    scheduled = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * scale
+    try:
+        yield
+    finally:
+        for group, rate in zip(optimizer.param_groups, scheduled):
+            group["lr"] = rate
+
+
 def micro_batch_stream(config: Config, batches, start_step: int):
     """This rank's micro-batches from `start_step` on, built ahead by DataLoader workers."""
     accumulation = config.train.gradient_accumulation_steps
@@ -173,7 +193,7 @@ def train_step(engine: Engine, objective, micro_batches) -> StepResult:
     """One optimizer step: every micro-batch's loss and backward, then the update."""
     config = engine.config
     start = time.perf_counter()
-    learning_rate = engine.scheduler.get_last_lr()[0]  # the rate this step's update uses
+    scheduled = engine.scheduler.get_last_lr()[0]
     accumulation = config.train.gradient_accumulation_steps
     sums, contributed, batch = None, 0, None
     counts = torch.zeros(3, dtype=torch.float64)  # tokens, examples, squared lengths
@@ -203,7 +223,10 @@ def train_step(engine: Engine, objective, micro_batches) -> StepResult:
         )
         sums = values if sums is None else sums + values
         counts += torch.tensor([batch.num_tokens, batch.num_examples, batch.squared_lengths], dtype=torch.float64)
-    grad_norm = engine.step(contributed)
+    # every micro-batch of a step comes from one dataset: its lr_scale applies to the whole update
+    with scaled_learning_rate(engine.scheduler.optimizer, batch.lr_scale):
+        grad_norm = engine.step(contributed)
+    learning_rate = scheduled * batch.lr_scale  # the rate this step's update used
     return StepResult.reduced(
         engine, sums / accumulation, list(per_dim), counts, grad_norm, learning_rate, batch, start
     )
