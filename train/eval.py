@@ -45,6 +45,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -186,9 +187,11 @@ def clustering_scores(x: torch.Tensor, labels: list[str], runs: int = KMEANS_RUN
         v_measure_score(labels, KMeans(n_clusters=k, n_init=1, random_state=SKLEARN_SEED + i).fit_predict(points))
         for i in range(runs)
     ]
-    mean = sum(single) / runs
-    std = (sum((v - mean) ** 2 for v in single) / runs) ** 0.5
-    return {"v_measure": 100 * v_measure_score(labels, best), "v_measure_mean": 100 * mean, "v_measure_std": 100 * std}
+    return {
+        "v_measure": 100 * v_measure_score(labels, best),
+        "v_measure_mean": 100 * statistics.fmean(single),
+        "v_measure_std": 100 * statistics.pstdev(single),
+    }
 
 
 def _score_sts(encode: EncodeFn, task: EvalTaskConfig, dims: list[int], data) -> tuple[dict, int]:
