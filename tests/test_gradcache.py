@@ -107,6 +107,50 @@ def test_dropout_masks_are_replayed(tiny_backbone, qwen_tokenizer):
     assert not torch.allclose(outputs[0], original(**take_rows(batch.anchors, range(0, 4), "left")), atol=1e-6)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_gradcache_with_activation_checkpointing(dropout, tiny_backbone, qwen_tokenizer):
+    """The two memory savers together: recomputing each layer in the backward pass changes no gradient.
+
+    Without dropout the checkpointed GradCache step equals the plain (uncheckpointed, unsplit) backward.
+    With dropout the masks of the recomputed layers must be the ones of the re-embedding pass:
+    the checkpointed cached step then equals the uncheckpointed one from the same random state."""
+    from tpembed.modeling import Encoder, EncoderSpec
+    from tpembed.modeling.backbone import enable_activation_checkpointing
+
+    backbone = copy.deepcopy(tiny_backbone)
+    if dropout:
+        for module in backbone.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = dropout
+        backbone.config.attention_dropout = dropout
+    checkpointed_backbone = copy.deepcopy(backbone)
+    enable_activation_checkpointing(checkpointed_backbone)  # as load_backbone does, before TP is attached
+    assert all(layer.gradient_checkpointing for layer in checkpointed_backbone.layers)
+    encoder, checkpointed = [], []
+    for model, out in ((backbone, encoder), (checkpointed_backbone, checkpointed)):
+        torch.manual_seed(0)  # the same head on both
+        out.append(Encoder(model, EncoderSpec(output_dim=1792)).train())
+        out[0].set_tp_layers("1-7")
+    (encoder,), (checkpointed,) = encoder, checkpointed
+    for a, b in zip(checkpointed.head.parameters(), encoder.head.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    objective = EmbeddingObjective(mrl_dims=[64, 512, 1792], temperature=0.05)
+    batch = make_batch("retrieval", qwen_tokenizer, tp=True)
+
+    def cached(model):
+        torch.manual_seed(7)
+        loss, _, _ = cached_micro_step(model, objective, batch, "cpu", lambda piece, last: piece.backward(), max_rows=4)
+        return loss, gradients(model)
+
+    if dropout:
+        reference = cached(encoder)
+    else:
+        loss, _ = micro_step_loss(encoder, objective, batch, "cpu")
+        loss.backward()
+        reference = (loss.detach(), gradients(encoder))
+    assert_same(*reference, *cached(checkpointed))
+
+
 def test_token_budget_split_keeps_rows_and_positions(qwen_tokenizer):
     batch = make_batch("retrieval", qwen_tokenizer, tp=True).candidates
     chunks = split_rows(batch["attention_mask"].sum(1), None, 100)
