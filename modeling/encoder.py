@@ -7,6 +7,7 @@ describes pooling, head, Matryoshka dims and Token Prepending.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +57,22 @@ class Encoder(nn.Module):
             self.head = MRLHead(hidden_size, spec.output_dim, spec.head_bias).to(backbone.dtype)
         self.token_prepending: TokenPrepending | None = None
         self.set_tp_layers(spec.tp_layers)
+
+    def __deepcopy__(self, memo: dict) -> Encoder:
+        """A copy with Token Prepending hooks of its own.
+
+        The hooks are closures over this encoder's TokenPrepending: copied as they are, the copy's
+        layers would report to the original and the copy would refuse to run TP."""
+        layers = list(self.spec.tp_layers)
+        self.set_tp_layers(None)
+        try:
+            copied = type(self).__new__(type(self))
+            memo[id(self)] = copied
+            copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        finally:
+            self.set_tp_layers(layers)
+        copied.set_tp_layers(layers)
+        return copied
 
     @property
     def embedding_dim(self) -> int:

@@ -185,3 +185,27 @@ def test_smollm2_gguf_dequantises_once_and_matches_the_gguf_tensors():
         tensor = tensors[gguf_name]
         expected = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy()).float()
         torch.testing.assert_close(cached[name], expected, rtol=0, atol=0, msg=name)  # shapes included
+
+
+def test_deep_copied_encoder_runs_token_prepending_of_its_own(tiny_encoder, qwen_tokenizer):
+    import copy
+
+    from test_gradcache import make_batch
+
+    batch = make_batch("retrieval", qwen_tokenizer, tp=True).anchors
+    tiny_encoder.set_tp_layers("none")
+    with torch.no_grad():
+        plain = tiny_encoder(**batch)
+        tiny_encoder.set_tp_layers("1-7")
+        with_tp = tiny_encoder(**batch)
+        clone = copy.deepcopy(tiny_encoder)
+        assert clone.token_prepending is not tiny_encoder.token_prepending
+        torch.testing.assert_close(clone(**batch), with_tp, rtol=0, atol=0)
+        assert clone.token_prepending.applied_layers == list(range(1, 8))
+        assert not torch.allclose(with_tp, plain, atol=1e-4)
+        # the two are independent: turning TP off on the copy leaves the original's hooks in place
+        clone.set_tp_layers("none")
+        torch.testing.assert_close(clone(**batch), plain, rtol=0, atol=0)
+        torch.testing.assert_close(tiny_encoder(**batch), with_tp, rtol=0, atol=0)
+    assert tiny_encoder.spec.tp_layers == list(range(1, 8))
+    assert all(len(layer._forward_pre_hooks) == 1 for layer in tiny_encoder.backbone.layers)
