@@ -126,12 +126,14 @@ def test_gradcache_with_activation_checkpointing(dropout, tiny_backbone, qwen_to
     checkpointed_backbone = copy.deepcopy(backbone)
     enable_activation_checkpointing(checkpointed_backbone)  # as load_backbone does, before TP is attached
     assert all(layer.gradient_checkpointing for layer in checkpointed_backbone.layers)
-    encoder, checkpointed = [], []
-    for model, out in ((backbone, encoder), (checkpointed_backbone, checkpointed)):
+
+    def build(model):
         torch.manual_seed(0)  # the same head on both
-        out.append(Encoder(model, EncoderSpec(output_dim=1792)).train())
-        out[0].set_tp_layers("1-7")
-    (encoder,), (checkpointed,) = encoder, checkpointed
+        encoder = Encoder(model, EncoderSpec(output_dim=1792)).train()
+        encoder.set_tp_layers("1-7")
+        return encoder
+
+    encoder, checkpointed = build(backbone), build(checkpointed_backbone)
     for a, b in zip(checkpointed.head.parameters(), encoder.head.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     objective = EmbeddingObjective(mrl_dims=[64, 512, 1792], temperature=0.05)
